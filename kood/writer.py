@@ -1,0 +1,192 @@
+"""Atomic, sharded writing of a kood dataset directory.
+
+Shards are written under temporary names and renamed when complete; the
+manifest is written last. A directory without `manifest.json` is never a
+complete dataset, so an interrupted run cannot leave output that looks done.
+
+Example:
+    w = DatasetWriter(out, kind="real", image_shape=(32, 32, 3), num_classes=10)
+    w.write_split("train", ((img, label, i) for i, (img, label) in ...), num_shards=4)
+    w.finish(source="npz:x.npz")
+"""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import hashlib
+import os
+import shlex
+import sys
+from typing import Iterable, Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from kood.errors import DataError
+from kood.manifest import KINDS, MANIFEST, Manifest, shard_name, write_manifest
+from kood.progress import Progress
+from kood.records import ENCODINGS, encode_example
+
+DEFAULT_ENCODING = "png"
+
+# (image uint8 [H,W,C], label, index[, confidence])
+Item = tuple
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_shard(directory: str, split: str, shard: int, num_shards: int, items: Iterable[Item],
+                image_shape: tuple[int, int, int], encoding: str, progress: Progress | None = None) -> dict:
+    """Writes one shard atomically; returns its info plus pixel sums for mean/std.
+
+    Safe to call from worker processes (returns plain Python data).
+    """
+    name = shard_name(split, shard, num_shards)
+    final, tmp = os.path.join(directory, name), os.path.join(directory, f".{name}.tmp")
+    count, total, total_sq = 0, np.zeros(image_shape[-1]), np.zeros(image_shape[-1])
+    try:
+        with tf.io.TFRecordWriter(tmp) as w:
+            for item in items:
+                image, label, index = item[0], item[1], item[2]
+                confidence = item[3] if len(item) > 3 else 1.0
+                if tuple(image.shape) != tuple(image_shape):
+                    raise DataError(f"{split} image with source index {index}: shape {tuple(image.shape)} "
+                                    f"differs from {tuple(image_shape)} (use --image_size to resize)")
+                w.write(encode_example(image, label, index, encoding, confidence))
+                pixels = image.reshape(-1, image_shape[-1]).astype(np.float64)
+                total += pixels.sum(0)
+                total_sq += (pixels ** 2).sum(0)
+                count += 1
+                if progress is not None:
+                    progress.update(1)
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return {"file": name, "count": count, "sha256": sha256_file(final),
+            "sum": total.tolist(), "sum_sq": total_sq.tolist()}
+
+
+class DatasetWriter:
+    """Writes splits as shards, then the manifest (see module docstring).
+
+    Args:
+        directory: output dataset directory (created if missing).
+        kind: one of `real`, `synthetic`, `outlier`, `ood`.
+        image_shape: `(H, W, C)` of every image.
+        num_classes: number of classes (0 for unlabelled sets).
+        class_names: optional names, `num_classes` long.
+        encoding: `png` or `raw`.
+        overwrite: replace an existing complete dataset. An incomplete one
+            (no manifest) is always replaced.
+    """
+
+    def __init__(self, directory: str, *, kind: str, image_shape: tuple[int, int, int], num_classes: int,
+                 class_names: list[str] | None = None, encoding: str = DEFAULT_ENCODING, overwrite: bool = False):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}. Received: kind={kind!r}")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}. Received: encoding={encoding!r}")
+        self.directory, self.kind, self.encoding = directory, kind, encoding
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.num_classes = int(num_classes)
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
+        self.splits: dict[str, dict] = {}
+        self._sums: dict[str, tuple] = {}
+        manifest = os.path.join(directory, MANIFEST)
+        if os.path.exists(manifest):
+            if not overwrite:
+                raise DataError(f"{directory}: already holds a complete dataset; pass --overwrite to replace it")
+            os.remove(manifest)  # from here on the directory no longer looks complete
+        os.makedirs(directory, exist_ok=True)
+
+    def write_split(self, split: str, items: Iterable[Item], num_shards: int = 1, total: int | None = None,
+                    show_progress: bool = True) -> None:
+        """Writes `items` in contiguous blocks over `num_shards` shards (all in shard 0 if `total` is unknown)."""
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1. Received: num_shards={num_shards}")
+        items = iter(items)
+        bar = Progress(f"write {split}", total=total) if show_progress else None
+        per_shard = None if total is None else -(-total // num_shards)
+        infos = []
+        for shard in range(num_shards):
+            chunk = _take(items, per_shard) if per_shard is not None else items
+            infos.append(write_shard(self.directory, split, shard, num_shards, chunk, self.image_shape,
+                                     self.encoding, bar))
+            if per_shard is None:  # unknown total: everything went to the first shard
+                for rest in range(1, num_shards):
+                    infos.append(write_shard(self.directory, split, rest, num_shards, iter(()),
+                                             self.image_shape, self.encoding))
+                break
+        if bar is not None:
+            bar.__exit__()
+        self.add_split(split, infos)
+
+    def add_split(self, split: str, shard_infos: list[dict]) -> None:
+        """Registers shards written by `write_shard` (e.g. by worker processes)."""
+        shard_infos = sorted(shard_infos, key=lambda s: s["file"])
+        count = sum(s["count"] for s in shard_infos)
+        if count == 0:
+            raise DataError(f"{self.directory}: split {split!r} is empty (0 images)")
+        self._sums[split] = (count, np.sum([s["sum"] for s in shard_infos], 0),
+                             np.sum([s["sum_sq"] for s in shard_infos], 0))
+        self.splits[split] = {"count": count, "shards": [
+            {k: s[k] for k in ("file", "count", "sha256")} for s in shard_infos]}
+
+    def finish(self, *, source: str = "", command: str | None = None, extra: dict | None = None,
+               stats_split: str = "train") -> Manifest:
+        """Writes the manifest last; removes stale shards from earlier runs."""
+        if not self.splits:
+            raise DataError(f"{self.directory}: nothing was written")
+        stats = stats_split if stats_split in self._sums else next(iter(self._sums))
+        n, s, sq = self._sums[stats]
+        pixels = n * self.image_shape[0] * self.image_shape[1]
+        mean = s / pixels
+        std = np.sqrt(np.maximum(sq / pixels - mean ** 2, 0.0))
+        std = np.where(std < 1e-6, 1.0, std)  # a constant channel would divide by zero
+        manifest = Manifest(
+            kind=self.kind, image_shape=list(self.image_shape), num_classes=self.num_classes,
+            class_names=self.class_names if self.num_classes else [], splits=self.splits,
+            mean=[float(v) for v in mean], std=[float(v) for v in std], source=source,
+            command=command if command is not None else " ".join(shlex.quote(a) for a in sys.argv),
+            encoding=self.encoding, created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            extra=extra or {})
+        keep = {sh["file"] for sp in self.splits.values() for sh in sp["shards"]}
+        for path in glob.glob(os.path.join(self.directory, "*.tfrecord")):
+            if os.path.basename(path) not in keep:
+                os.remove(path)
+        write_manifest(self.directory, manifest)
+        return manifest
+
+
+def _take(it: Iterator, n: int) -> Iterator:
+    for _ in range(n):
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+
+
+def write_arrays(directory: str, splits: dict[str, tuple[np.ndarray, np.ndarray]], *, kind: str = "real",
+                 class_names: list[str] | None = None, num_classes: int | None = None, num_shards: int = 1,
+                 encoding: str = DEFAULT_ENCODING, overwrite: bool = False, source: str = "arrays",
+                 extra: dict | None = None, show_progress: bool = False) -> Manifest:
+    """Writes in-memory arrays `{split: (images uint8 [N,H,W,C], labels [N])}` as a dataset."""
+    first = next(iter(splits.values()))[0]
+    if num_classes is None:
+        labels = np.concatenate([np.asarray(l) for _, l in splits.values()])
+        num_classes = len(class_names) if class_names else (int(labels.max()) + 1 if (labels >= 0).any() else 0)
+    w = DatasetWriter(directory, kind=kind, image_shape=first.shape[1:], num_classes=num_classes,
+                      class_names=class_names, encoding=encoding, overwrite=overwrite)
+    for split, (images, labels) in splits.items():
+        w.write_split(split, ((images[i], int(labels[i]), i) for i in range(len(images))),
+                      num_shards=num_shards, total=len(images), show_progress=show_progress)
+    return w.finish(source=source, extra=extra)
