@@ -34,6 +34,14 @@ from kood.progress import Progress
 MODELS = ("gmm", "vae")
 # Samples for the quality figures; more adds seconds without changing the figures much.
 _QUALITY_MAX_REAL = 6000
+_PCA_MAX_FIT = 10000
+_PCA_MAX_DIMS = 128
+# Samples are turned into uint8 in chunks so float copies of a large set never exist at once.
+_SAMPLE_CHUNK = 10000
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
 def read_split(directory: str, split: str | None = None) -> tuple[Manifest, np.ndarray, np.ndarray]:
@@ -88,12 +96,18 @@ class _PcaGmm:
         from sklearn.decomposition import PCA
         from sklearn.mixture import GaussianMixture
 
+        # The PCA basis is fitted on a subsample: 10k images pin down the top
+        # components, and a full SVD of e.g. 50k x 3072 pixels costs minutes and GBs.
+        rng = np.random.default_rng(self.seed)
+        fit_rows = x[np.sort(rng.permutation(len(x))[:_PCA_MAX_FIT])]
+        dims = min(len(fit_rows) - 1, x.shape[1], _PCA_MAX_DIMS)
+        solver = "full" if x.shape[1] <= 512 else "randomized"
+        self.pca = PCA(n_components=dims, svd_solver=solver, random_state=self.seed).fit(fit_rows)
         # Keep the components that explain `variance` of the pixels: the rest is
         # mostly per-image noise that would only blur the class models.
-        self.pca = PCA(n_components=min(x.shape[0] - 1, x.shape[1]), svd_solver="full").fit(x)
         keep = int(np.searchsorted(np.cumsum(self.pca.explained_variance_ratio_), self.variance) + 1)
-        keep = max(2, min(keep, 128, self.pca.n_components_))
-        z = self.pca.transform(x)[:, :keep]
+        keep = max(2, min(keep, self.pca.n_components_))
+        z = self.pca.transform(x)[:, :keep].astype(np.float64)  # GMM covariances need float64
         self.keep = keep
         self.mixtures = []
         with Progress("fit gmm", total=self.num_classes, unit="class") as bar:
@@ -112,9 +126,10 @@ class _PcaGmm:
             if n == 0:
                 continue
             z, _ = self.mixtures[c].sample(n)
-            full = np.zeros((n, self.pca.n_components_))
-            full[:, :self.keep] = z
-            out.append(self.pca.inverse_transform(full))
+            for i in range(0, n, _SAMPLE_CHUNK):
+                full = np.zeros((len(z[i:i + _SAMPLE_CHUNK]), self.pca.n_components_), np.float32)
+                full[:, :self.keep] = z[i:i + _SAMPLE_CHUNK]
+                out.append(_to_uint8(self.pca.inverse_transform(full)))
         return np.concatenate(out)
 
 
@@ -169,9 +184,12 @@ class _Cvae:
 
         rng = np.random.default_rng(self.seed + 1)
         labels = np.repeat(np.arange(self.num_classes), counts)
-        z = rng.standard_normal((len(labels), self.latent)).astype(np.float32)
-        y = np.eye(self.num_classes, dtype=np.float32)[labels]
-        return tf.sigmoid(self.decoder(np.concatenate([z, y], 1), training=False)).numpy()
+        out = []
+        for i in range(0, len(labels), _SAMPLE_CHUNK):
+            y = np.eye(self.num_classes, dtype=np.float32)[labels[i:i + _SAMPLE_CHUNK]]
+            z = rng.standard_normal((len(y), self.latent)).astype(np.float32)
+            out.append(_to_uint8(tf.sigmoid(self.decoder(np.concatenate([z, y], 1), training=False)).numpy()))
+        return np.concatenate(out)
 
 
 def generate(images: np.ndarray, labels: np.ndarray, num_classes: int, num_images: int, *,
@@ -204,15 +222,14 @@ def generate(images: np.ndarray, labels: np.ndarray, num_classes: int, num_image
         raise DataError(f"every real image needs a label in [0, {num_classes}) and every class at least 2 "
                         f"images to fit a generator. Received: per-class counts {per_class.tolist()}, "
                         f"label range [{labels.min()}, {labels.max()}]")
-    x = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    x = images.reshape(len(images), -1).astype(np.float32) / np.float32(255.0)
     if model == "gmm":
         gen = _PcaGmm(num_classes, seed=seed).fit(x, labels)
     else:
         gen = _Cvae(num_classes, epochs=epochs, seed=seed).fit(x, labels)
     counts = class_counts(num_images, num_classes)
-    flat = gen.sample(counts)
+    syn = gen.sample(counts).reshape((num_images,) + images.shape[1:])
     syn_labels = np.repeat(np.arange(num_classes, dtype=np.int64), counts)
-    syn = np.clip(np.rint(flat * 255.0), 0, 255).astype(np.uint8).reshape((num_images,) + images.shape[1:])
     order = np.random.default_rng(seed).permutation(num_images)
     return syn[order], syn_labels[order]
 
@@ -232,7 +249,8 @@ def quality(real_images: np.ndarray, real_labels: np.ndarray, syn_images: np.nda
             syn_labels: np.ndarray, num_classes: int, *, seed: int = 0) -> dict:
     """Quality figures of a synthetic set against the real set it imitates.
 
-    A logistic regression is trained on 80% of the real images (pixels) and
+    Both sets are randomly subsampled to at most 6000 images (bounded time and
+    memory). A logistic regression is trained on 80% of the real images (pixels) and
     evaluated on the other 20% (reference) and on the synthetic images. PCA
     (16 dims) is fitted on real pixels; the Frechet distance between real half
     A and the synthetic images is reported next to real half A vs real half B,
@@ -258,7 +276,9 @@ def quality(real_images: np.ndarray, real_labels: np.ndarray, syn_images: np.nda
     order = rng.permutation(len(real_images))[:_QUALITY_MAX_REAL]
     real = real_images[order].reshape(len(order), -1).astype(np.float64) / 255.0
     real_y = real_labels[order]
-    syn = syn_images.reshape(len(syn_images), -1).astype(np.float64) / 255.0
+    syn_order = rng.permutation(len(syn_images))[:_QUALITY_MAX_REAL]
+    syn = syn_images[syn_order].reshape(len(syn_order), -1).astype(np.float64) / 255.0
+    syn_labels = syn_labels[syn_order]
     cut = int(0.8 * len(real))
     clf = LogisticRegression(max_iter=500).fit(real[:cut], real_y[:cut])
     dims = int(min(16, real.shape[1], len(real) // 4))
@@ -266,7 +286,7 @@ def quality(real_images: np.ndarray, real_labels: np.ndarray, syn_images: np.nda
     half = len(real) // 2
     n = min(len(real) - half, len(syn))
     feats_a, feats_b = pca.transform(real[:half]), pca.transform(real[half:half + n])
-    feats_syn = pca.transform(syn[rng.permutation(len(syn))[:n]])
+    feats_syn = pca.transform(syn[:n])  # already a random subsample
     return {
         "real_classifier_accuracy_on_synthetic": float(clf.score(syn, syn_labels)),
         "real_classifier_accuracy_on_real_heldout": float(clf.score(real[cut:], real_y[cut:])),
