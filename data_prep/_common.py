@@ -1,0 +1,73 @@
+"""Flags shared by the conversion CLIs (data_prep.real, .synthetic, .outliers) and the call they make."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+from kood.writer import DEFAULT_ENCODING  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_conversion_flags(default_kind: str, kinds: list[str]) -> None:
+    """Defines the flags every conversion CLI takes; `default_kind` differs per CLI."""
+    flags.DEFINE_string(
+        "source", None,
+        "What to convert, FORM:ARG. tfds:NAME[:SPLIT] (TensorFlow Datasets, data must be local); "
+        "cifar:DIR (python-pickle CIFAR-10 or CIFAR-100 dir); folder:DIR (class subfolders = labelled, "
+        "flat = unlabelled); npz:FILE (--images_key/--labels_key, default x/y or images/labels, or "
+        "x_train/y_train/x_test/...); npy:FILE (unlabelled N x H x W x C uint8, memory-mapped); "
+        "mat:FILE (SVHN *_32x32.mat).", required=True)
+    flags.DEFINE_string("out", None, "Output dataset directory.", required=True)
+    flags.DEFINE_enum("kind", default_kind, kinds,
+                      "Dataset kind; outlier and ood sets are written unlabelled (label -1).")
+    flags.DEFINE_string("split", None,
+                        "Output split name for a single-split source (default: the source's own, else "
+                        "'test' for --kind=ood and 'train' otherwise); selects one split of a "
+                        "multi-split source such as cifar (default: all of them).")
+    flags.DEFINE_integer("image_size", None, "Square output side in pixels (default: keep the source size).")
+    flags.DEFINE_enum("resize", "resize", ["resize", "center_crop"],
+                      "With --image_size: 'resize' (bilinear, ignores aspect ratio) or 'center_crop' "
+                      "(shorter side to --image_size, then the central square).")
+    flags.DEFINE_enum("channels", None, ["1", "3"],
+                      "Convert to 1 (luminance) or 3 (gray repeated) channels (default: keep).")
+    flags.DEFINE_integer("limit", None, "Keep a random subset of at most this many images per split.")
+    flags.DEFINE_integer("seed", 0, "Seed of the --limit subset.")
+    flags.DEFINE_integer("num_shards", 1, "Shards of the largest split (smaller splits get proportionally fewer).")
+    flags.DEFINE_integer("workers", 1, "Processes writing shards in parallel.")
+    flags.DEFINE_enum("encoding", DEFAULT_ENCODING, ["png", "raw"],
+                      "Record image encoding (lossless): png (smaller) or raw (uint8 bytes).")
+    flags.DEFINE_string("images_key", None, "npz: name of the images array.")
+    flags.DEFINE_string("labels_key", None, "npz: name of the labels array.")
+    flags.DEFINE_boolean("overwrite", False, "Replace an existing complete dataset at --out.")
+
+
+def conversion_kwargs() -> dict:
+    """The `kood.convert.convert` keyword arguments from the parsed flags."""
+    return dict(kind=FLAGS.kind, split=FLAGS.split, image_size=FLAGS.image_size, resize=FLAGS.resize,
+                channels=int(FLAGS.channels) if FLAGS.channels else None, limit=FLAGS.limit, seed=FLAGS.seed,
+                num_shards=FLAGS.num_shards, workers=FLAGS.workers, encoding=FLAGS.encoding,
+                overwrite=FLAGS.overwrite, images_key=FLAGS.images_key, labels_key=FLAGS.labels_key,
+                command=command_line())
+
+
+def command_line() -> str:
+    return "python -m " + " ".join(shlex.quote(a) for a in [_module_name()] + sys.argv[1:])
+
+
+def _module_name() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return spec.name if spec is not None else sys.argv[0]
+
+
+def report(manifest, out: str) -> None:
+    splits = ", ".join(f"{name}={info['count']}" for name, info in manifest.splits.items())
+    print(f"{out}: kind={manifest.kind} image_shape={manifest.image_shape} "
+          f"num_classes={manifest.num_classes} encoding={manifest.encoding} {splits}")

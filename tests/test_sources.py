@@ -1,0 +1,130 @@
+"""Pixel-exact round trips source -> kood dataset -> records, for every SRC form."""
+
+import numpy as np
+import pytest
+
+from kood.convert import convert
+from kood.errors import ConfigError, DataError
+from kood.sources import open_source
+from tests import data_helpers as dh
+
+
+def _roundtrip(source, out, **kw):
+    kw.setdefault("show_progress", False)
+    return convert(source, str(out), **kw)
+
+
+def test_cifar10_roundtrip_writes_both_splits(tmp_path):
+    d, data = dh.make_cifar10_dir(tmp_path / "c10", num_train=23, num_test=7)
+    m = _roundtrip(f"cifar:{d}", tmp_path / "out", num_shards=3)
+    assert m.class_names == [f"class{i}" for i in range(10)] and m.num_classes == 10
+    assert m.image_shape == [32, 32, 3]
+    for split, (x, y) in data.items():
+        images, labels, index, _ = dh.read_split(tmp_path / "out", split)
+        np.testing.assert_array_equal(images, x)
+        np.testing.assert_array_equal(labels, y)
+        np.testing.assert_array_equal(index, np.arange(len(x)))
+    assert len(m.splits["train"]["shards"]) == 3
+    np.testing.assert_allclose(m.mean, data["train"][0].reshape(-1, 3).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(m.std, data["train"][0].reshape(-1, 3).std(0), rtol=1e-6)
+
+
+def test_cifar100_uses_fine_labels_and_split_selects(tmp_path):
+    d, data = dh.make_cifar100_dir(tmp_path / "c100", num_train=9, num_test=6)
+    m = _roundtrip(f"cifar:{d}", tmp_path / "out", split="test")
+    assert list(m.splits) == ["test"] and m.num_classes == 100 and m.class_names[3] == "fine3"
+    images, labels, _, _ = dh.read_split(tmp_path / "out", "test")
+    np.testing.assert_array_equal(images, data["test"][0])
+    np.testing.assert_array_equal(labels, data["test"][1])
+
+
+def test_labelled_folder_roundtrip(tmp_path):
+    d, x, y = dh.make_image_folder(tmp_path / "f", {"cat": 4, "dog": 3})
+    m = _roundtrip(f"folder:{d}", tmp_path / "out")
+    assert m.class_names == ["cat", "dog"]
+    images, labels, _, _ = dh.read_split(tmp_path / "out", "train")
+    np.testing.assert_array_equal(images, x)
+    np.testing.assert_array_equal(labels, y)
+
+
+def test_flat_folder_is_unlabelled_outliers(tmp_path):
+    d, x, _ = dh.make_image_folder(tmp_path / "f", 5, mode="L")
+    m = _roundtrip(f"folder:{d}", tmp_path / "out", kind="outlier", channels=3)
+    assert m.num_classes == 0 and m.image_shape == [32, 32, 3] and m.kind == "outlier"
+    images, labels, _, _ = dh.read_split(tmp_path / "out", "train")
+    np.testing.assert_array_equal(images, np.repeat(x, 3, -1))
+    assert (labels == -1).all()
+
+
+@pytest.mark.parametrize("keys", [("x", "y"), ("images", "labels")])
+def test_npz_default_keys(tmp_path, keys):
+    path, x, y = dh.make_npz(tmp_path / "a.npz", images_key=keys[0], labels_key=keys[1])
+    _roundtrip(f"npz:{path}", tmp_path / "out")
+    images, labels, _, _ = dh.read_split(tmp_path / "out", "train")
+    np.testing.assert_array_equal(images, x)
+    np.testing.assert_array_equal(labels, y)
+
+
+def test_npz_explicit_keys_grayscale_and_train_test_arrays(tmp_path):
+    path, x, y = dh.make_npz(tmp_path / "a.npz", shape=(28, 28), images_key="pix", labels_key="cls")
+    m = _roundtrip(f"npz:{path}", tmp_path / "o1", images_key="pix", labels_key="cls")
+    assert m.image_shape == [28, 28, 1]
+    images, labels, _, _ = dh.read_split(tmp_path / "o1", "train")
+    np.testing.assert_array_equal(images[..., 0], x)
+    np.testing.assert_array_equal(labels, y)
+
+    xt, xv = dh.random_images(6), dh.random_images(4, seed=1)
+    np.savez(tmp_path / "b.npz", x_train=xt, y_train=np.arange(6) % 3, x_test=xv, y_test=np.arange(4) % 3)
+    m = _roundtrip(f"npz:{tmp_path / 'b.npz'}", tmp_path / "o2")
+    assert sorted(m.splits) == ["test", "train"] and m.num_classes == 3
+    np.testing.assert_array_equal(dh.read_split(tmp_path / "o2", "test")[0], xv)
+
+
+def test_npy_is_memory_mapped_and_roundtrips(tmp_path, monkeypatch):
+    path, x = dh.make_npy(tmp_path / "r.npy", n=9)
+    calls = []
+    real_load = np.load
+
+    def spy(*args, **kwargs):
+        out = real_load(*args, **kwargs)
+        calls.append(type(out))
+        return out
+
+    monkeypatch.setattr(np, "load", spy)
+    open_source(f"npy:{path}")
+    assert calls == [np.memmap]  # the 300K RandomImages file must never be loaded whole
+    _roundtrip(f"npy:{path}", tmp_path / "out", kind="outlier", num_shards=2)
+    images, labels, _, _ = dh.read_split(tmp_path / "out", "train")
+    np.testing.assert_array_equal(images, x)
+    assert (labels == -1).all()
+
+
+def test_svhn_mat_maps_10_to_digit_0(tmp_path):
+    path, x, digits = dh.make_svhn_mat(tmp_path / "test_32x32.mat", n=13)
+    m = _roundtrip(f"mat:{path}", tmp_path / "out")
+    assert list(m.splits) == ["test"]  # split inferred from the file name
+    images, labels, _, _ = dh.read_split(tmp_path / "out", "test")
+    np.testing.assert_array_equal(images, x)
+    np.testing.assert_array_equal(labels, digits)
+    assert 0 in labels
+
+
+def test_tfds_mock_mnist_roundtrip(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=6):
+        expected = list(tfds.as_numpy(tfds.builder("mnist").as_dataset(split="test", shuffle_files=False)))
+        m = _roundtrip("tfds:mnist:test", tmp_path / "out")
+    assert m.image_shape == [28, 28, 1] and m.num_classes == 10 and list(m.splits) == ["test"]
+    images, labels, _, _ = dh.read_split(tmp_path / "out", "test")
+    np.testing.assert_array_equal(images, np.stack([e["image"] for e in expected]))
+    np.testing.assert_array_equal(labels, [e["label"] for e in expected])
+
+
+def test_unknown_form_and_missing_path(tmp_path):
+    with pytest.raises(ConfigError, match="FORM:ARG.*Received: source='zip:/x'"):
+        open_source("zip:/x")
+    with pytest.raises(ConfigError, match="Received: source='no_colon'"):
+        open_source("no_colon")
+    missing = tmp_path / "nope.npz"
+    with pytest.raises(DataError, match=f"{missing}: source path does not exist"):
+        open_source(f"npz:{missing}")
