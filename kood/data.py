@@ -64,11 +64,11 @@ def _shard_files(directory: str, manifest: Manifest, split: str) -> list[str]:
     return files
 
 
-def _records(files: list[str], *, shuffle: bool, seed: int, buffer: int) -> tf.data.Dataset:
+def _records(files: list[str], *, shuffle: bool, seed: int, buffer: int, count: int) -> tf.data.Dataset:
     """Serialized records paired with their shard path; repeating and shuffled if `shuffle`."""
     names = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
-        names = names.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+        names = names.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
 
     def read(path):
         return tf.data.TFRecordDataset(path).map(lambda r: (r, path))
@@ -77,7 +77,9 @@ def _records(files: list[str], *, shuffle: bool, seed: int, buffer: int) -> tf.d
         return names.flat_map(read)
     records = names.interleave(read, cycle_length=min(len(files), MAX_OPEN_SHARDS), block_length=1,
                                num_parallel_calls=min(len(files), MAX_OPEN_SHARDS), deterministic=True)
-    return records.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    # Shuffle, then repeat: each pass visits every record once (new shard order and shuffle each
+    # pass). A buffer larger than the set would only waste memory.
+    return records.shuffle(min(buffer, count), seed=seed, reshuffle_each_iteration=True).repeat()
 
 
 def _parser(manifest: Manifest, directory: str, check_labels: bool):
@@ -193,7 +195,7 @@ def eval_dataset(directory: str, split: str = "test", *, batch_size: int = 256,
     manifest = read_manifest(directory)
     files = _shard_files(directory, manifest, split)
     target = _target_shape(directory, manifest.shape, image_size, resize)
-    ds = _records(files, shuffle=False, seed=0, buffer=0)
+    ds = _records(files, shuffle=False, seed=0, buffer=0, count=0)
     ds = ds.map(_parser(manifest, directory, check_labels=manifest.num_classes > 0), num_parallel_calls=AUTOTUNE)
     if limit is not None:
         ds = ds.take(limit)
@@ -287,7 +289,7 @@ def train_dataset(directory: str, *, batch_size: int, split: str = "train", augm
     if steps_per_epoch == 0:
         raise DataError(f"{directory}: split {split!r} has {manifest.count(split)} images, fewer than the "
                         f"{num_real} real images of one batch (--batch_size {batch_size}, --sio_ratio {sio_ratio})")
-    real = _records(files, shuffle=True, seed=seed, buffer=TRAIN_SHUFFLE_BUFFER)
+    real = _records(files, shuffle=True, seed=seed, buffer=TRAIN_SHUFFLE_BUFFER, count=manifest.count(split))
     real = real.map(_parser(manifest, directory, check_labels=True), num_parallel_calls=AUTOTUNE)
     real = real.batch(num_real, drop_remainder=True)
 
@@ -297,7 +299,8 @@ def train_dataset(directory: str, *, batch_size: int, split: str = "train", augm
         syn_manifest = read_manifest(syn_directory)
         _check_synthetic(directory, manifest, syn_directory, syn_manifest)
         syn_files = _shard_files(syn_directory, syn_manifest, split)
-        syn = _records(syn_files, shuffle=True, seed=seed + 1, buffer=TRAIN_SHUFFLE_BUFFER)
+        syn = _records(syn_files, shuffle=True, seed=seed + 1, buffer=TRAIN_SHUFFLE_BUFFER,
+                       count=syn_manifest.count(split))
         syn = syn.map(_parser(syn_manifest, syn_directory, check_labels=True), num_parallel_calls=AUTOTUNE)
         syn = syn.batch(num_syn, drop_remainder=True)
 
@@ -355,7 +358,7 @@ def outlier_stream(directory: str, *, batch_size: int, split: str = "train", aug
         raise DataError(f"{directory}: outlier images are {list(manifest.shape)} but the ID images are "
                         f"{list(image_shape)}; convert the outlier set to the ID size")
     files = _shard_files(directory, manifest, split)
-    ds = _records(files, shuffle=True, seed=seed, buffer=shuffle_buffer)
+    ds = _records(files, shuffle=True, seed=seed, buffer=shuffle_buffer, count=manifest.count(split))
     ds = ds.map(_parser(manifest, directory, check_labels=False), num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
     ds = _augment_and_cast(ds, augment=augment, seed=seed, pad=pad, flip=flip, with_labels=False)
