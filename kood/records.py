@@ -40,7 +40,9 @@ def encode_example(image: np.ndarray, label: int, index: int, encoding: str,
         "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(index)])),
         "confidence": tf.train.Feature(float_list=tf.train.FloatList(value=[float(confidence)])),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic: map order otherwise varies between processes, so shards written by
+    # workers (or reruns) would differ byte-wise and their sha256 would not be reproducible
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 _FEATURES = {

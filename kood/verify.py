@@ -69,7 +69,7 @@ def _check_shard(path: str, expected: dict, shape, encoding: str, num_classes: i
             break
         except tf.errors.OpError as e:  # DataLossError: truncated record or CRC mismatch
             problems.append(f"{path}: record {n}: unreadable ({type(e).__name__}: {e.message.splitlines()[0]})")
-            return n
+            break
         try:
             rec = parse_example_numpy(serialized.numpy())
         except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError or KeyError for a bad example

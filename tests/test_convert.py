@@ -1,0 +1,221 @@
+"""kood.convert and the data_prep CLIs: options, workers, atomic interruption, pseudo-labelling, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from kood.convert import convert, convert_and_pseudo_label, prepare_image
+from kood.errors import ConfigError, DataError
+from kood.manifest import read_manifest
+from kood.verify import verify_dataset
+from tests import data_helpers as dh
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(module, *args, timeout=120):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _convert(source, out, **kw):
+    kw.setdefault("show_progress", False)
+    return convert(source, str(out), **kw)
+
+
+def test_cli_real_then_verify(tmp_path):
+    path, x, y = dh.make_npz(tmp_path / "a.npz", n=10)
+    out = tmp_path / "out"
+    r = _cli("data_prep.real", f"--source=npz:{path}", f"--out={out}", "--num_shards=2")
+    assert r.returncode == 0, r.stderr
+    m = read_manifest(str(out))
+    assert m.command.startswith("python -m data_prep.real --source=npz:")
+    assert m.count("train") == 10 and len(m.splits["train"]["shards"]) == 2
+    r = _cli("data_prep.verify", str(out))
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_cli_missing_source_path_names_it(tmp_path):
+    r = _cli("data_prep.real", f"--source=cifar:{tmp_path}/nope", f"--out={tmp_path}/out")
+    assert r.returncode != 0
+    assert f"{tmp_path}/nope: source path does not exist" in r.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_limit_is_a_seeded_random_subset_in_source_order(tmp_path):
+    path, x, y = dh.make_npz(tmp_path / "a.npz", n=30)
+    _convert(f"npz:{path}", tmp_path / "a", limit=8, seed=3)
+    _convert(f"npz:{path}", tmp_path / "b", limit=8, seed=3)
+    _convert(f"npz:{path}", tmp_path / "c", limit=8, seed=4)
+    images, labels, index, _ = dh.read_split(tmp_path / "a", "train")
+    assert len(index) == 8 and (np.diff(index) > 0).all()
+    np.testing.assert_array_equal(images, x[index])
+    np.testing.assert_array_equal(labels, y[index])
+    np.testing.assert_array_equal(index, dh.read_split(tmp_path / "b", "train")[2])
+    assert not np.array_equal(index, dh.read_split(tmp_path / "c", "train")[2])
+
+
+def test_resize_center_crop_and_channels(tmp_path):
+    wide = dh.random_images(1, 32, 48)[0]
+    np.testing.assert_array_equal(prepare_image(wide, 32, "center_crop"), wide[:, 8:40])
+    assert prepare_image(wide, 16, "resize").shape == (16, 16, 3)
+    gray = dh.random_images(1, 28, 28, 1)[0]
+    rgb = prepare_image(gray, 32, "resize", channels=3)
+    assert rgb.shape == (32, 32, 3)
+    np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
+    assert prepare_image(rgb, channels=1).shape == (32, 32, 1)
+    # a folder of mixed sizes converts once --image_size makes them equal
+    d, _, _ = dh.make_image_folder(tmp_path / "f1", {"a": 2}, size=(32, 32))
+    dh.make_image_folder(tmp_path / "f1", {"b": 2}, size=(40, 36), seed=5)
+    m = _convert(f"folder:{d}", tmp_path / "out", image_size=24, resize="center_crop")
+    assert m.image_shape == [24, 24, 3] and m.count("train") == 4
+    assert m.extra["conversion"]["resize"] == "center_crop"
+
+
+def test_workers_write_the_same_bytes_as_one_process(tmp_path):
+    path, _ = dh.make_npy(tmp_path / "r.npy", n=40)
+    one = _convert(f"npy:{path}", tmp_path / "one", kind="outlier", num_shards=4)
+    two = _convert(f"npy:{path}", tmp_path / "two", kind="outlier", num_shards=4, workers=2)
+    assert [s["sha256"] for s in one.splits["train"]["shards"]] == [s["sha256"] for s in two.splits["train"]["shards"]]
+    assert one.mean == two.mean
+
+
+def test_ood_kind_drops_labels_and_defaults_to_test(tmp_path):
+    path, x, _ = dh.make_npz(tmp_path / "a.npz", n=6)
+    m = _convert(f"npz:{path}", tmp_path / "out", kind="ood")
+    assert list(m.splits) == ["test"] and m.num_classes == 0
+    assert m.extra["conversion"]["labels_dropped"] is True
+    assert (dh.read_split(tmp_path / "out", "test")[1] == -1).all()
+
+
+def test_overwrite_is_required_to_replace(tmp_path):
+    path, _, _ = dh.make_npz(tmp_path / "a.npz", n=6)
+    _convert(f"npz:{path}", tmp_path / "out")
+    with pytest.raises(DataError, match="pass --overwrite"):
+        _convert(f"npz:{path}", tmp_path / "out", limit=3)
+    assert read_manifest(str(tmp_path / "out")).count("train") == 6  # untouched
+    assert _convert(f"npz:{path}", tmp_path / "out", limit=3, overwrite=True).count("train") == 3
+
+
+def test_interrupted_cli_leaves_no_manifest_and_rerun_completes(tmp_path):
+    path, _ = dh.make_npy(tmp_path / "r.npy", n=30000, shape=(16, 16, 3))
+    out = tmp_path / "out"
+    args = ["data_prep.outliers", f"--source=npy:{path}", f"--out={out}", "--num_shards=6"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 90
+        # kill once the first shard is complete and the second is being written
+        while time.time() < deadline and not (out / ".train-00001-of-00006.tfrecord.tmp").exists():
+            assert proc.poll() is None, "conversion finished before it could be interrupted"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (out / "train-00000-of-00006.tfrecord").exists()
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(DataError, match="no manifest.json"):
+        read_manifest(str(out))
+    m = _convert(f"npy:{path}", out, kind="outlier", num_shards=6)  # no --overwrite needed
+    assert m.count("train") == 30000
+    assert verify_dataset(str(out), show_progress=False).ok
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def _tiny_classifier(path, shape=(32, 32, 3), num_classes=3):
+    import keras
+
+    inputs = keras.Input(shape)
+    x = keras.layers.Normalization(mean=[128.0] * shape[-1], variance=[4096.0] * shape[-1], name="normalize")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="features")(x)
+    outputs = keras.layers.Dense(num_classes, name="classifier")(x)
+    model = keras.Model(inputs, outputs)
+    model.save(path)
+    return model
+
+
+def test_synthetic_pseudo_label_and_temp_dir_removed(tmp_path):
+    pytest.importorskip("kood.pseudo_label", reason="kood/pseudo_label.py (another engineer's) not there yet")
+    d, x, _ = dh.make_image_folder(tmp_path / "gen", 12)
+    model = _tiny_classifier(str(tmp_path / "m.keras"))
+    probs = np.asarray(model(x.astype("float32")))
+    probs = np.exp(probs - probs.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    threshold = float(np.median(probs.max(-1)))
+    out = tmp_path / "syn"
+    m = convert_and_pseudo_label(f"folder:{d}", str(out), str(tmp_path / "m.keras"), min_confidence=threshold,
+                                 show_progress=False)
+    keep = probs.max(-1) >= threshold
+    assert m.kind == "synthetic" and m.num_classes == 3 and m.source == f"folder:{d}"
+    assert m.extra["pseudo_label"]["min_confidence"] == threshold
+    assert m.extra["pseudo_label"]["kept"] == keep.sum() < 12
+    images, labels, index, conf = dh.read_split(out, "train")
+    np.testing.assert_array_equal(index, np.flatnonzero(keep))
+    np.testing.assert_array_equal(images, x[keep])
+    np.testing.assert_array_equal(labels, probs.argmax(-1)[keep])
+    np.testing.assert_allclose(conf, probs.max(-1)[keep], rtol=1e-4)
+    assert sorted(os.listdir(tmp_path)) == ["gen", "m.keras", "syn"]  # the temporary sibling is gone
+    assert verify_dataset(str(out), show_progress=False).ok
+
+
+def test_unlabelled_source_needs_pseudo_labels_for_synthetic(tmp_path):
+    d, _, _ = dh.make_image_folder(tmp_path / "gen", 3)
+    with pytest.raises(DataError, match="has no labels.*--pseudo_label_model"):
+        _convert(f"folder:{d}", tmp_path / "out", kind="synthetic")
+
+
+# --- bad input: each names the file / flag / record ----------------------------------------------------
+
+def test_empty_dataset_limit_zero_and_empty_folder(tmp_path):
+    path, _, _ = dh.make_npz(tmp_path / "a.npz", n=4)
+    with pytest.raises(ConfigError, match="--limit.*empty.*Received: limit=0"):
+        _convert(f"npz:{path}", tmp_path / "out", limit=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"{tmp_path / 'empty'}: no images found.*empty"):
+        _convert(f"folder:{tmp_path / 'empty'}", tmp_path / "out2", kind="outlier")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_mixed_sizes_without_image_size_names_the_file(tmp_path):
+    d, _, _ = dh.make_image_folder(tmp_path / "f", {"a": 2}, size=(32, 32))
+    dh.make_image_folder(tmp_path / "f", {"b": 1}, size=(20, 24))
+    with pytest.raises(DataError, match=r"b/img0000\.png: image shape \(20, 24, 3\) differs.*--image_size"):
+        _convert(f"folder:{d}", tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_label_out_of_range_names_the_record(tmp_path):
+    x = dh.random_images(5)
+    np.savez(tmp_path / "neg.npz", x=x, y=np.array([0, 1, -3, 1, 0]))
+    with pytest.raises(DataError, match="neg.npz: label -3 at position 2 is negative"):
+        _convert(f"npz:{tmp_path / 'neg.npz'}", tmp_path / "out")
+    np.savez(tmp_path / "float.npz", x=x.astype("float32"), y=np.zeros(5, int))
+    with pytest.raises(DataError, match="float.npz.*uint8.*Received: dtype=float32"):
+        _convert(f"npz:{tmp_path / 'float.npz'}", tmp_path / "out")
+
+
+def test_bad_flags_are_config_errors(tmp_path):
+    path, _, _ = dh.make_npz(tmp_path / "a.npz", n=4)
+    for kw, pattern in [({"resize": "stretch"}, "--resize.*Received: resize='stretch'"),
+                        ({"num_shards": 0}, "Received: num_shards=0"),
+                        ({"channels": 2}, "Received: channels=2"),
+                        ({"split": "valid"}, None),
+                        ({"images_key": "nope"}, "--images_key='nope' is not an array")]:
+        if pattern is None:  # single-split source: --split renames, it is not an error
+            assert list(_convert(f"npz:{path}", tmp_path / "ok", **kw).splits) == ["valid"]
+            continue
+        with pytest.raises(ConfigError, match=pattern):
+            _convert(f"npz:{path}", tmp_path / "out", **kw)
+    d, _ = dh.make_cifar10_dir(tmp_path / "c", 5, 5)
+    with pytest.raises(ConfigError, match="--split='valid' is not a split"):
+        _convert(f"cifar:{d}", tmp_path / "out", split="valid")
