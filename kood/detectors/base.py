@@ -1,0 +1,151 @@
+"""The detector interface and the small numpy helpers the detectors share.
+
+A detector scores images, higher = more OOD:
+
+    det = DETECTORS["knn"](model, k=50)     # any kood classifier (layers normalize/features/classifier)
+    det.fit(id_train_dataset)               # only detectors with `needs_fit`; batches of (images, labels)
+    scores = det.score(images)              # np.ndarray [B]
+
+Most detectors are a pure function of the classifier's logits and penultimate features; they
+implement `score_outputs(outputs)` (and `fit_outputs`), so `kood.evaluate` can run the network once
+per data set and share its outputs between detectors. Detectors that need the input (ODIN) override
+`score(images)` and set `uses_outputs = False`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from scipy.special import logsumexp, softmax
+
+from kood.errors import ConfigError
+from kood.models import outputs_model
+from kood.progress import Progress
+
+
+def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Energy score -T * logsumexp(logits / T) per row (higher = more OOD)."""
+    return -temperature * logsumexp(np.asarray(logits, np.float64) / temperature, axis=1)
+
+
+def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax(logits / T) in float64."""
+    return softmax(np.asarray(logits, np.float64) / temperature, axis=1)
+
+
+def check_positive(detector: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value > 0:
+        raise ConfigError(f"{detector}: `{name}` must be a number > 0. Received: {name}={value!r}")
+
+
+def check_percentile(detector: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 <= value < 100:
+        raise ConfigError(f"{detector}: `{name}` must be a percentile in [0, 100). Received: {name}={value!r}")
+
+
+def _batch_parts(batch) -> tuple[tf.Tensor, tf.Tensor | None]:
+    if isinstance(batch, (tuple, list)):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def collect_outputs(model: keras.Model, dataset: Iterable, desc: str = "outputs") -> dict[str, np.ndarray]:
+    """Runs the classifier over `dataset` once: {"logits" [N,K], "features" [N,D], "labels" [N] or absent}.
+
+    Args:
+        model: a kood classifier.
+        dataset: batches of `(images, labels)` or of images (e.g. `kood.data.eval_dataset`).
+        desc: label of the progress line.
+
+    Example:
+        out = collect_outputs(model, eval_dataset("data/cifar10", "test"))
+    """
+    net = outputs_model(model)
+    forward = tf.function(lambda x: net(x, training=False), reduce_retracing=True)
+    logits, features, labels = [], [], []
+    with Progress(desc) as bar:
+        for batch in dataset:
+            images, y = _batch_parts(batch)
+            out = forward(tf.convert_to_tensor(images, tf.float32))
+            logits.append(out["logits"].numpy())
+            features.append(out["features"].numpy())
+            if y is not None:
+                labels.append(np.asarray(y))
+            bar.update(int(images.shape[0]))
+    if not logits:
+        raise ConfigError(f"{desc}: the dataset yielded no batches")
+    result = {"logits": np.concatenate(logits), "features": np.concatenate(features)}
+    if labels:
+        result["labels"] = np.concatenate(labels).astype(np.int64)
+    return result
+
+
+class Detector:
+    """Base class: `Detector(model, **hyperparams)`, `fit(dataset)`, `score(images) -> np.ndarray`.
+
+    Subclasses set `name`, `needs_fit` / `needs_labels`, and implement `score_outputs` (and
+    `fit_outputs` when they need ID data).
+    """
+
+    name = "detector"
+    needs_fit = False       # fit() on ID training data is required before score()
+    needs_labels = False    # fit data must be labelled
+    uses_outputs = True     # the score is a function of {"logits", "features"} only
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        self._net = outputs_model(model)  # ConfigError if model is not a kood classifier
+        self._forward = tf.function(lambda x: self._net(x, training=False), reduce_retracing=True)
+        dense = model.get_layer("classifier")
+        self.weight, self.bias = (np.asarray(w, np.float64) for w in dense.get_weights())  # W [D, K], b [K]
+        self.fitted = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.hyperparams()})"
+
+    def hyperparams(self) -> dict:
+        """The detector's hyperparameters (for result files)."""
+        return {}
+
+    def fit(self, dataset: Iterable | None) -> "Detector":
+        """Fits on ID data (batches of `(images, labels)`); a no-op for detectors without `needs_fit`."""
+        if not self.needs_fit:
+            return self
+        if dataset is None:
+            raise ConfigError(f"{self.name} needs ID fit data (its training split): call fit(dataset) with "
+                              "ID images (kood.evaluate: --fit_data). Received: dataset=None")
+        return self.fit_outputs(collect_outputs(self.model, dataset, desc=f"fit {self.name}"))
+
+    def fit_outputs(self, outputs: dict[str, np.ndarray]) -> "Detector":
+        """Fits from precomputed ID outputs {"logits", "features"[, "labels"]}."""
+        if self.needs_labels and "labels" not in outputs:
+            raise ConfigError(f"{self.name} needs labelled ID fit data (class-conditional statistics); "
+                              "the fit dataset yielded images without labels")
+        self._fit(outputs)
+        self.fitted = True
+        return self
+
+    def _fit(self, outputs: dict[str, np.ndarray]) -> None:
+        pass
+
+    def _check_fitted(self) -> None:
+        if self.needs_fit and not self.fitted:
+            raise ConfigError(f"{self.name} needs ID fit data: call fit(dataset) (or fit_outputs) before "
+                              "score() (kood.evaluate: --fit_data)")
+
+    def score(self, images) -> np.ndarray:
+        """OOD scores of a batch of float32 pixel images `[B, H, W, C]`; higher = more OOD."""
+        self._check_fitted()
+        out = self._forward(tf.convert_to_tensor(images, tf.float32))
+        return self.score_outputs({k: v.numpy() for k, v in out.items()})
+
+    def score_outputs(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        """OOD scores from precomputed {"logits", "features"}."""
+        raise NotImplementedError(f"{type(self).__name__} scores images only; call score(images)")
+
+    def classifier_logits(self, features: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+        """Logits recomputed through the classifier Dense from (modified) features."""
+        return np.asarray(features, np.float64) @ (self.weight if weight is None else weight) + self.bias
