@@ -6,7 +6,8 @@ Pipelines yield `float32` pixels in 0..255 (normalization is the model's first
 layer) and `int64` labels.
 
 Pipeline shape (train / outliers): shuffled shard list -> parallel interleave of
-shards -> bounded shuffle buffer of *serialized* records -> parallel parse +
+at most `MAX_OPEN_SHARDS` shards -> bounded shuffle buffer of *serialized*
+records -> repeat (each pass visits every record once) -> parallel parse +
 decode -> batch -> vectorised per-batch augmentation -> prefetch. Nothing is
 cached, so memory does not grow with the size of a set.
 
@@ -20,8 +21,8 @@ Damage inside a shard only shows while iterating (tf.data reads lazily); the
 user then sees TensorFlow's own error: `tf.errors.DataLossError: corrupted
 record at <offset>` for a damaged TFRecord, or `tf.errors.InvalidArgumentError`
 for an undecodable image, whose message names the shard file for `raw`
-images (a size check) but not for `png`. Run `kood.verify` on the directory to
-find the shard.
+images (a size check) but not for `png`. Run `python -m data_prep.verify DIR` on the
+directory to find the shard.
 
 Example:
     ds, steps = train_dataset("data/cifar10", batch_size=128, syn_directory="data/syn", sio_ratio=0.8)
