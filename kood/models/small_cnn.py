@@ -38,6 +38,7 @@ def small_cnn(x, num_classes: int, *, width: int = 16, depth: int = 2, blocks: i
             x = keras.layers.MaxPooling2D(2)(x)
         for _ in range(blocks):
             x = keras.layers.Conv2D(width * 2 ** stage, 3, padding="same", use_bias=False)(x)
-            x = keras.layers.BatchNormalization()(x)
+            # momentum 0.9 = PyTorch's 0.1 (as in the paper models): inference statistics catch up within a short run.
+            x = keras.layers.BatchNormalization(momentum=0.9)(x)
             x = keras.layers.ReLU()(x)
     return keras.layers.GlobalAveragePooling2D()(x)
