@@ -118,9 +118,19 @@ def _shard_items(split_src: SplitSource, indices, shape, labelled: bool, num_cla
         yield out, label, index
 
 
+_WORKER_SOURCES: dict[tuple, Source] = {}
+
+
 def _shard_job(job: dict) -> dict:
-    """Writes one shard in a worker process: reopens the source (sources hold open files/closures)."""
-    src = open_source(job["spec"], images_key=job["images_key"], labels_key=job["labels_key"])
+    """Writes one shard in a worker process.
+
+    Sources hold open files and closures, so each worker opens its own, once
+    (a cifar or npz source is read into memory when opened).
+    """
+    key = (job["spec"], job["images_key"], job["labels_key"])
+    if key not in _WORKER_SOURCES:
+        _WORKER_SOURCES[key] = open_source(job["spec"], images_key=job["images_key"], labels_key=job["labels_key"])
+    src = _WORKER_SOURCES[key]
     split_src = src.splits[job["source_split"]]
     items = _shard_items(split_src, job["indices"], job["shape"], job["labelled"], job["num_classes"],
                          job["image_size"], job["resize"], job["channels"])
