@@ -61,14 +61,18 @@ def test_repository_build_matches_the_code():
                             "`python -m tools.build_check --print > BUILD`.")
 
 
-def test_repository_build_has_the_issue_targets():
-    targets = {t.name: t for t in build_check.read_build(os.path.join(REPO, "BUILD"))}
-    assert targets["kood"].kind == "py_library"
-    assert targets["train"].kind == "py_binary" and targets["train"].main == "kood/train.py"
-    assert targets["test_helpers"].testonly
-    for path in build_check.python_files(REPO):
-        if path.startswith("tests/test_"):
-            assert targets[os.path.basename(path)[:-3]].kind == "py_test", path
+ISSUE_ENTRY_POINTS = ["kood/train.py", "kood/evaluate.py", "kood/export.py", "kood/bench.py"] + [
+    f"data_prep/{tool}.py" for tool in ("real", "synthetic", "outliers", "verify", "demo", "synthesize")]
+
+
+def test_repository_build_has_a_py_binary_per_entry_point():
+    targets = build_check.read_build(os.path.join(REPO, "BUILD"))
+    mains = {t.main for t in targets if t.kind == "py_binary"}
+    present = [f for f in ISSUE_ENTRY_POINTS if os.path.exists(os.path.join(REPO, f))]
+    assert "kood/train.py" in present
+    assert [f for f in present if f not in mains] == []
+    libraries = {t.name: t for t in targets if t.kind == "py_library"}
+    assert "kood/errors.py" in libraries["kood"].srcs and libraries["test_helpers"].testonly
 
 
 def test_suggested_build_is_clean_and_groups_as_documented(tmp_path):
@@ -159,7 +163,7 @@ def test_library_may_not_depend_on_test_helpers(tmp_path):
                "    visibility = [\"//visibility:public\"],\n    deps = [\":test_helpers\"],\n)\n\npy_library(\n"
                "    name = \"test_helpers\"")
     problems, _ = build_check.check(root)
-    assert any(p.startswith(":kood depends on testonly :test_helpers (kood/data.py imports tests)") for p in problems)
+    assert any(p.startswith(":kood depends on testonly :test_helpers (kood/data.py imports tests)") for p in problems), problems
     assert any("import each other" in p for p in problems)  # helpers import kood: a cycle
 
 
@@ -228,3 +232,29 @@ def test_cli_exit_code_and_print_mode(tmp_path):
         f.write(printed)
     good = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert good.returncode == 0 and "BUILD is consistent" in good.stdout
+
+
+def test_module_run_as_a_subprocess_is_a_dependency(tmp_path):
+    root = make_tree(tmp_path, BASE_TREE)
+    add_files(root, {"tests/test_cli.py": 'import subprocess, sys\n\ndef test_cli():\n'
+                                          '    subprocess.run([sys.executable, "-m", "kood.train"])\n'})
+    [problem] = build_check.check(root)[0]
+    assert '":train",' in problem and '":kood",' in problem  # kood/__init__.py runs first
+    with open(os.path.join(root, "BUILD"), "w") as f:
+        f.write(build_check.suggest_build(root))
+    targets = {t.name: t for t in build_check.read_build(os.path.join(root, "BUILD"))}
+    assert targets["test_cli"].deps == [":kood", ":test_helpers", ":train"]
+    edit_build(root, '":test_helpers",\n        ":train",\n    ],\n)\n\nkood_py_test(\n    name = "test_data"',
+               '":test_helpers",\n    ],\n)\n\nkood_py_test(\n    name = "test_data"')
+    assert build_check.check(root)[0] == [':test_cli is missing dep :train (tests/test_cli.py runs kood.train); '
+                                          'add ":train" to its deps.']
+
+
+def test_script_using_test_helpers_is_generated_testonly(tmp_path):
+    files = dict(BASE_TREE)
+    files["bench/bench_data.py"] = "from tests.helpers import np\n\nif __name__ == '__main__':\n    pass\n"
+    root = make_tree(tmp_path, files)
+    targets = {t.name: t for t in build_check.read_build(os.path.join(root, "BUILD"))}
+    assert targets["bench_data"].testonly and targets["bench_data"].deps == [":test_helpers"]
+    assert not targets["train"].testonly
+    assert build_check.check(root) == ([], [])

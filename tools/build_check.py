@@ -159,29 +159,33 @@ def _module_file(files: set[str], dotted: str) -> str | None:
     return None
 
 
-def imported_files(root: str, path: str, files: set[str]) -> tuple[dict[str, str], list[str]]:
+def imported_files(root: str, path: str, files: set[str],
+                   entry_modules: set[str] = frozenset()) -> tuple[dict[str, str], list[str]]:
     """The project files a module imports, at module level or lazily.
 
     Args:
         root: repository root.
         path: the module, relative to root.
         files: all project `.py` files (relative paths).
+        entry_modules: dotted names of runnable modules (`__main__` block). A
+            string literal equal to one (`[sys.executable, "-m", "kood.train"]`)
+            counts as using it: the module must be in the runfiles.
 
     Returns:
-        `({file: dotted name it was imported as}, [dotted names of project
+        `({file: how it is used, e.g. "imports kood.data"}, [dotted names of project
         packages that are not in the tree])`. Importing `a.b.c` counts
         `a/__init__.py` and `a/b/__init__.py` too (Python runs them). A
         conftest.py counts as imported by the tests below it (pytest loads it).
 
     Example:
     >>> imported_files(".", "kood/data.py", set(python_files(".")))  # doctest: +SKIP
-    ({'kood/__init__.py': 'kood', 'kood/errors.py': 'kood.errors', ...}, [])
+    ({'kood/__init__.py': 'imports kood', 'kood/errors.py': 'imports kood.errors', ...}, [])
     """
     local_tops = {f.split("/")[0] for f in files if f.count("/") == 1 and f.endswith("/__init__.py")}
     local_tops |= {f[:-3] for f in files if "/" not in f}
     found, missing = {}, []
 
-    def add(dotted: str, report_missing: bool = True) -> bool:
+    def add(dotted: str, report_missing: bool = True, verb: str = "imports") -> bool:
         parts = dotted.split(".")
         if parts[0] not in local_tops:
             return False
@@ -192,7 +196,7 @@ def imported_files(root: str, path: str, files: set[str]) -> tuple[dict[str, str
                     missing.append(dotted)
                 return False
             if f != path:
-                found.setdefault(f, ".".join(parts[:i]))
+                found.setdefault(f, f"{verb} {'.'.join(parts[:i])}")
         return True
 
     package = path.rsplit("/", 1)[0].replace("/", ".") if "/" in path else ""
@@ -209,13 +213,15 @@ def imported_files(root: str, path: str, files: set[str]) -> tuple[dict[str, str
             if add(module):
                 for alias in node.names:  # `from kood import data` imports kood/data.py
                     add(f"{module}.{alias.name}", report_missing=False)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in entry_modules:
+            add(node.value, report_missing=False, verb="runs")
     name = path.rsplit("/", 1)[-1]
     if name.startswith("test_") or name.endswith("_test.py"):
         parts = path.split("/")[:-1]
         for i in range(1, len(parts) + 1):
             conftest = "/".join(parts[:i] + ["conftest.py"])
             if conftest in files:
-                found.setdefault(conftest, "conftest (loaded by pytest)")
+                found.setdefault(conftest, "needs conftest.py (pytest loads it)")
     return found, missing
 
 
@@ -327,11 +333,11 @@ class _Tree:
 def _scan(root: str) -> _Tree:
     files = python_files(root)
     fileset = set(files)
-    imports, missing, mains = {}, {}, set()
+    mains = {f for f in files if has_main_block(root, f)}
+    entry_modules = {f[:-3].replace("/", ".") for f in mains}
+    imports, missing = {}, {}
     for f in files:
-        imports[f], missing[f] = imported_files(root, f, fileset)
-        if has_main_block(root, f):
-            mains.add(f)
+        imports[f], missing[f] = imported_files(root, f, fileset, entry_modules)
     return _Tree(files, imports, missing, mains)
 
 
@@ -403,9 +409,17 @@ def suggest_build(root: str) -> str:
         for s in t.srcs:
             if s != TEST_RUNNER:
                 owner[s] = t.name
+    needs = {t.name: set(_required_deps(t, owner, tree)) for t in targets}
+    changed = True
+    while changed:  # a target that uses test helpers (even indirectly) must be testonly for Bazel
+        changed = False
+        testonly = {t.name for t in targets if t.testonly}
+        for t in targets:
+            if not t.testonly and needs[t.name] & testonly:
+                t.testonly = changed = True
     blocks = [HEADER.rstrip("\n")]
     for t in targets:
-        deps = sorted((_label(d) for d in _required_deps(t, owner, tree)), key=_dep_sort_key)
+        deps = sorted((_label(d) for d in needs[t.name]), key=_dep_sort_key)
         if t.macro and TEST_HELPERS in {o for o in owner.values()} and _label(TEST_HELPERS) not in deps:
             deps.append(_label(TEST_HELPERS))  # conftest.py and pyproject.toml for every test
             deps.sort(key=_dep_sort_key)
@@ -427,7 +441,8 @@ def suggest_build(root: str) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
-def _suggest_block(root: str, f: str, tree: _Tree, owner: dict[str, str], libraries: dict[str, str]) -> str:
+def _suggest_block(f: str, tree: _Tree, owner: dict[str, str], libraries: dict[str, str],
+                   testonly: set[str]) -> str:
     """What to add for a file that is in no target."""
     probe = Target("?", "py_test" if _is_test_file(f) else "py_binary", [f])
     deps = sorted((_label(d) for d in _required_deps(probe, owner, tree)), key=_dep_sort_key)
@@ -440,13 +455,20 @@ def _suggest_block(root: str, f: str, tree: _Tree, owner: dict[str, str], librar
                     f"add a py_test for it by hand.")
         return f"{f} has no test target; add:\n" + _indent(format_target(TEST_MACRO, {"name": name, "deps": deps}))
     if f in tree.mains:
-        block = format_target("py_binary", {"name": _binary_name(f), "srcs": [f], "main": f, "deps": deps})
+        attrs = {"name": _binary_name(f), "srcs": [f], "main": f}
+        if any(d[1:] in testonly for d in deps):
+            attrs["testonly"] = True
+        if deps:
+            attrs["deps"] = deps
+        block = format_target("py_binary", attrs)
         return f"{f} has a __main__ block but is in no target; add:\n" + _indent(block)
     directory = f.rsplit("/", 1)[0] if "/" in f else ""
     if directory in libraries:
         return f"{f} is in no target; add it to srcs of {_label(libraries[directory])}."
-    block = format_target("py_library", {"name": _library_name(directory), "srcs": [f],
-                                         "visibility": ["//visibility:public"], "deps": deps})
+    attrs = {"name": _library_name(directory), "srcs": [f], "visibility": ["//visibility:public"]}
+    if deps:
+        attrs["deps"] = deps
+    block = format_target("py_library", attrs)
     return f"{f} is in no target; add it to a py_library, e.g.:\n" + _indent(block)
 
 
@@ -504,7 +526,7 @@ def check(root: str) -> tuple[list[str], list[str]]:
             continue
         names = owners.get(f, [])
         if not names:
-            problems.append(_suggest_block(root, f, tree, owner, libraries))
+            problems.append(_suggest_block(f, tree, owner, libraries, {t.name for t in targets if t.testonly}))
         elif len(names) > 1:
             problems.append(f"{f} is in {len(names)} targets ({', '.join(map(_label, names))}); "
                             f"keep it in one and depend on that one.")
@@ -530,11 +552,11 @@ def check(root: str) -> tuple[list[str], list[str]]:
             declared[name] = label
         for dep, (src, dotted) in sorted(needed.items()):
             if dep not in declared:
-                problems.append(f"{_label(t.name)} is missing dep {_label(dep)} ({src} imports {dotted}); "
+                problems.append(f"{_label(t.name)} is missing dep {_label(dep)} ({src} {dotted}); "
                                 f"add \"{_label(dep)}\" to its deps.")
             elif by_name[dep].testonly and not t.testonly:
-                problems.append(f"{_label(t.name)} depends on testonly {_label(dep)} ({src} imports {dotted}); "
-                                f"only tests may import test helpers.")
+                problems.append(f"{_label(t.name)} depends on testonly {_label(dep)} ({src} {dotted}); "
+                                f"only tests and testonly targets may use test helpers.")
         for dep, label in sorted(declared.items()):
             if dep not in needed and not (t.macro and dep == TEST_HELPERS):
                 problems.append(f"{_label(t.name)} has dep {label} but none of its srcs imports it; remove it.")
