@@ -107,7 +107,8 @@ def test_overwrite_is_required_to_replace(tmp_path):
 def test_interrupted_cli_leaves_no_manifest_and_rerun_completes(tmp_path):
     path, _ = dh.make_npy(tmp_path / "r.npy", n=30000, shape=(16, 16, 3))
     out = tmp_path / "out"
-    args = ["data_prep.outliers", f"--source=npy:{path}", f"--out={out}", "--num_shards=6"]
+    # png: slow enough per shard (~2 s) that the kill reliably lands mid-conversion
+    args = ["data_prep.outliers", f"--source=npy:{path}", f"--out={out}", "--num_shards=6", "--encoding=png"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,7 +127,7 @@ def test_interrupted_cli_leaves_no_manifest_and_rerun_completes(tmp_path):
     assert not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="no manifest.json"):
         read_manifest(str(out))
-    m = _convert(f"npy:{path}", out, kind="outlier", num_shards=6)  # no --overwrite needed
+    m = _convert(f"npy:{path}", out, kind="outlier", num_shards=6, encoding="png")  # no --overwrite needed
     assert m.count("train") == 30000
     assert verify_dataset(str(out), show_progress=False).ok
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
