@@ -14,7 +14,8 @@ per data set and share its outputs between detectors. Detectors that need the in
 
 from __future__ import annotations
 
-from typing import Iterable
+import weakref
+from typing import Callable, Iterable
 
 import keras
 import numpy as np
@@ -46,6 +47,17 @@ def check_percentile(detector: str, name: str, value) -> None:
         raise ConfigError(f"{detector}: `{name}` must be a percentile in [0, 100). Received: {name}={value!r}")
 
 
+_FORWARD: "weakref.WeakKeyDictionary[keras.Model, Callable]" = weakref.WeakKeyDictionary()
+
+
+def forward_fn(model: keras.Model) -> Callable:
+    """A compiled `images -> {"logits", "features"}` for `model`, built once per model (tracing is slow)."""
+    if model not in _FORWARD:
+        net = outputs_model(model)  # ConfigError if model is not a kood classifier
+        _FORWARD[model] = tf.function(lambda x: net(x, training=False), reduce_retracing=True)
+    return _FORWARD[model]
+
+
 def _batch_parts(batch) -> tuple[tf.Tensor, tf.Tensor | None]:
     if isinstance(batch, (tuple, list)):
         return batch[0], (batch[1] if len(batch) > 1 else None)
@@ -63,8 +75,7 @@ def collect_outputs(model: keras.Model, dataset: Iterable, desc: str = "outputs"
     Example:
         out = collect_outputs(model, eval_dataset("data/cifar10", "test"))
     """
-    net = outputs_model(model)
-    forward = tf.function(lambda x: net(x, training=False), reduce_retracing=True)
+    forward = forward_fn(model)
     logits, features, labels = [], [], []
     with Progress(desc) as bar:
         for batch in dataset:
@@ -97,8 +108,7 @@ class Detector:
 
     def __init__(self, model: keras.Model):
         self.model = model
-        self._net = outputs_model(model)  # ConfigError if model is not a kood classifier
-        self._forward = tf.function(lambda x: self._net(x, training=False), reduce_retracing=True)
+        self._forward = forward_fn(model)
         dense = model.get_layer("classifier")
         self.weight, self.bias = (np.asarray(w, np.float64) for w in dense.get_weights())  # W [D, K], b [K]
         self.fitted = False

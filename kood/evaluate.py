@@ -1,0 +1,399 @@
+"""Evaluate post-hoc OOD detectors on a trained classifier: `python -m kood.evaluate`.
+
+Runs the classifier once per data set (ID test, each OOD set, and the ID fit data when a detector
+needs it), scores every detector, and writes to `--output`:
+- `results.json` (everything, including the settings), `results.csv` (one row per detector and
+  set / group / average), `results.md` (the printed markdown table);
+- `tensorboard/`: score histograms of ID vs each OOD set and ROC / PR curve images per detector.
+Files are written under temporary names and renamed, so a crashed run leaves no complete-looking
+result. `--certify` adds the GReg certified radius (kood.certify).
+
+Example:
+    python -m kood.evaluate --model_dir=runs/demo --id_data=data/digits --ood=noise=data/noise \
+        --detectors=energy,msp,knn --output=runs/demo/eval
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import Mapping, Sequence
+
+import keras
+import numpy as np
+
+from kood.data import eval_dataset
+from kood.detectors import DETECTORS, collect_outputs, make_detector
+from kood.errors import ConfigError, DataError
+from kood.metrics import CONVENTION_NOTE, CONVENTIONS, METRICS, accuracy, metrics_table
+
+RESIZE_CHOICES = ("error", "resize", "center_crop")
+
+
+# ----------------------------------------------------------------------------------------------
+# Flag parsing (pure functions, so they are easy to test)
+
+
+def parse_ood(spec: str) -> dict[str, str]:
+    """`"svhn=DIR,textures=DIR"` -> `{"svhn": "DIR", "textures": "DIR"}`.
+
+    Example:
+        parse_ood("svhn=data/svhn,noise=data/noise")
+    """
+    result: dict[str, str] = {}
+    for item in (spec or "").split(","):
+        name, sep, path = item.strip().partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ConfigError(f"--ood must be NAME=DIR[,NAME=DIR...]; bad item {item!r}. Received: --ood={spec!r}")
+        if name in result:
+            raise ConfigError(f"--ood names the set {name!r} twice. Received: --ood={spec!r}")
+        result[name] = path
+    return result
+
+
+def parse_groups(spec: str | None, ood_names: Sequence[str]) -> dict[str, list[str]]:
+    """`"near=a,b;far=c"` -> `{"near": ["a", "b"], "far": ["c"]}`; every set must be in `ood_names`.
+
+    Example:
+        parse_groups("near=cifar100;far=svhn,textures", ["cifar100", "svhn", "textures"])
+    """
+    groups: dict[str, list[str]] = {}
+    if not spec:
+        return groups
+    for item in spec.split(";"):
+        name, sep, sets = item.strip().partition("=")
+        members = [s.strip() for s in sets.split(",") if s.strip()]
+        if not sep or not name.strip() or not members:
+            raise ConfigError(f"--ood_groups must be GROUP=SET,SET[;GROUP=SET...]; bad item {item!r}. "
+                              f"Received: --ood_groups={spec!r}")
+        unknown = [s for s in members if s not in ood_names]
+        if unknown:
+            raise ConfigError(f"--ood_groups group {name.strip()!r} names sets {unknown} that are not in --ood "
+                              f"(known: {list(ood_names)}). Received: --ood_groups={spec!r}")
+        groups[name.strip()] = members
+    return groups
+
+
+def parse_detectors(spec: str) -> list[str]:
+    """`"energy,msp"` -> `["energy", "msp"]`; unknown names list the known ones."""
+    names = [n.strip() for n in (spec or "").split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"--detectors needs at least one name. Known: {sorted(DETECTORS)}. Received: {spec!r}")
+    unknown = [n for n in names if n not in DETECTORS]
+    if unknown:
+        raise ConfigError(f"Unknown detector(s) {unknown}. Known: {sorted(DETECTORS)}. Received: --detectors={spec!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--detectors lists a detector twice. Received: --detectors={spec!r}")
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Library
+
+
+def _read(directory: str, split: str, role: str, *, model_shape, resize: str, batch_size: int, limit):
+    try:
+        return eval_dataset(directory, split, batch_size=batch_size, image_size=model_shape, resize=resize,
+                            limit=limit)
+    except DataError as e:
+        raise DataError(f"{role}: {e}") from e
+
+
+def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detectors: Sequence[str], *,
+             fit_dir: str | None = None, fit_split: str = "train", id_split: str = "test",
+             ood_split: str = "test", groups: Mapping[str, Sequence[str]] | None = None, resize: str = "error",
+             convention: str = "id", batch_size: int = 256, limit: int | None = None, fit_limit: int | None = None,
+             detector_params: Mapping[str, dict] | None = None, certify: bool = False,
+             certify_options: dict | None = None, keep_scores: bool = False) -> dict:
+    """Scores `detectors` on ID vs each OOD set and computes the metrics.
+
+    Args:
+        model: a kood classifier.
+        id_dir: ID dataset directory (its `id_split` is the ID test set).
+        ood_dirs: `{name: dataset dir}` of OOD sets (their `ood_split`).
+        detectors: names from `kood.detectors.DETECTORS`.
+        fit_dir: ID data for detectors that need fitting (default: `id_dir`), split `fit_split`.
+        groups: `{group: [OOD set names]}`, e.g. near / far.
+        resize: `"error"` (a set whose size or channels differ from the model's input is an error
+            naming the set), `"resize"` or `"center_crop"`.
+        convention: FPR95 convention, `"id"` (ID positive) or `"ood"`.
+        batch_size: images per forward pass.
+        limit: at most this many images of the ID test set and of each OOD set.
+        fit_limit: at most this many fit images.
+        detector_params: `{detector: {hyperparameter: value}}`.
+        certify: also compute the certified radius (`kood.certify.certify`, energy score).
+        certify_options: extra keyword arguments of `kood.certify.certify`.
+        keep_scores: include the raw score arrays under `"scores"` (for plots; not JSON-serialised).
+
+    Returns:
+        `{"convention", "convention_note", "id_accuracy", "detectors": {name: {"hyperparams", "sets",
+        "groups", "average"}}, "settings": {...}[, "certify": {...}][, "scores": {...}]}`.
+
+    Example:
+        evaluate(model, "data/cifar10", {"svhn": "data/svhn"}, ["energy", "knn"], groups={"far": ["svhn"]})
+    """
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"fpr convention must be one of {CONVENTIONS}. Received: convention={convention!r}")
+    if resize not in RESIZE_CHOICES:
+        raise ConfigError(f"resize must be one of {RESIZE_CHOICES}. Received: resize={resize!r}")
+    if not ood_dirs:
+        raise ConfigError("evaluate needs at least one OOD set (--ood). Received: ood_dirs={}")
+    detectors = parse_detectors(",".join(detectors))
+    params = dict(detector_params or {})
+    stray = [n for n in params if n not in detectors]
+    if stray:
+        raise ConfigError(f"detector_params for detectors not being evaluated: {stray}. Evaluated: {detectors}")
+    groups = parse_groups(";".join(f"{g}={','.join(m)}" for g, m in (groups or {}).items()), list(ood_dirs))
+    dets = {name: make_detector(name, model, **params.get(name, {})) for name in detectors}
+    model_shape = tuple(int(d) for d in model.input_shape[1:])
+    read = dict(model_shape=model_shape, resize=resize, batch_size=batch_size)
+
+    # build every reader first, so a bad set fails before any long computation
+    id_ds = _read(id_dir, id_split, f"ID set (--id_data) {id_dir}", limit=limit, **read)
+    ood_ds = {name: _read(d, ood_split, f"OOD set {name!r} (--ood)", limit=limit, **read)
+              for name, d in ood_dirs.items()}
+    needs_fit = [n for n, d in dets.items() if d.needs_fit]
+    fit_dir = fit_dir or id_dir
+    fit_ds = None
+    if needs_fit:
+        fit_ds = _read(fit_dir, fit_split, f"detectors {needs_fit} need ID fit data (--fit_data, default: the "
+                       f"--id_data train split); fit set {fit_dir}", limit=fit_limit, **read)
+
+    if fit_ds is not None:
+        fit_out = collect_outputs(model, fit_ds, desc="fit data")
+        for name in needs_fit:
+            try:
+                dets[name].fit_outputs(fit_out)
+            except ConfigError as e:
+                raise ConfigError(f"{e} (fit set {fit_dir}, split {fit_split!r})") from e
+    outputs = {"id": collect_outputs(model, id_ds, desc="id")}
+    for name, ds in ood_ds.items():
+        outputs[name] = collect_outputs(model, ds, desc=name)
+
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for det_name, det in dets.items():
+        if det.uses_outputs:
+            scores[det_name] = {k: det.score_outputs(out) for k, out in outputs.items()}
+        else:  # needs the images (input gradients)
+            sets = {"id": id_ds, **ood_ds}
+            scores[det_name] = {k: np.concatenate([det.score(x) for x, _ in ds]) for k, ds in sets.items()}
+
+    id_labels = outputs["id"].get("labels")
+    labelled = id_labels is not None and bool(np.all(id_labels >= 0))
+    results = {
+        "convention": convention, "convention_note": CONVENTION_NOTE[convention],
+        "id_accuracy": accuracy(outputs["id"]["logits"], id_labels) if labelled else None,
+        "detectors": {},
+        "settings": {"id_data": id_dir, "id_split": id_split, "ood": dict(ood_dirs), "ood_split": ood_split,
+                     "fit_data": fit_dir if needs_fit else None, "fit_split": fit_split if needs_fit else None,
+                     "groups": groups, "resize": resize, "limit": limit, "fit_limit": fit_limit,
+                     "counts": {k: int(len(v["logits"])) for k, v in outputs.items()},
+                     "model_input_shape": list(model_shape)},
+    }
+    for det_name, det in dets.items():
+        s = scores[det_name]
+        table = metrics_table(s["id"], {k: v for k, v in s.items() if k != "id"}, groups, convention)
+        results["detectors"][det_name] = {"hyperparams": det.hyperparams(), **table}
+    if certify:
+        from kood.certify import certify as run_certify  # only imported when asked (builds gradient graphs)
+        results["certify"] = run_certify(model, id_ds, ood_ds, **(certify_options or {}))
+    if keep_scores:
+        results["scores"] = scores
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+
+
+def _rows(results: dict) -> list[dict]:
+    rows = []
+    for det, r in results["detectors"].items():
+        for kind, entries in (("set", r["sets"]), ("group", r["groups"]), ("average", {"average": r["average"]})):
+            for name, m in entries.items():
+                rows.append({"detector": det, "kind": kind, "name": name, **{k: m[k] for k in METRICS}})
+    return rows
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a markdown table (percentages), headed by the FPR95 convention and ID accuracy."""
+    acc = results["id_accuracy"]
+    lines = [f"Convention: {results['convention_note']}.",
+             f"ID accuracy: {acc * 100:.2f}%" if acc is not None else "ID accuracy: n/a (unlabelled ID set)", "",
+             "| detector | set | FPR95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |", "|---|---|---|---|---|---|"]
+    for row in _rows(results):
+        name = row["name"] if row["kind"] == "set" else f"**{row['name']}**" + (" (group)" if row["kind"] == "group" else "")
+        lines.append(f"| {row['detector']} | {name} | " + " | ".join(f"{row[m] * 100:.2f}" for m in METRICS) + " |")
+    if "certify" in results:
+        c = results["certify"]
+        lines += ["", f"Certified radius (energy score, {c['space']} input space, gamma={c['gamma']:.4f} at "
+                  f"{c['tpr']:.0%} ID TPR, {c['estimate']}). Note: {c['note']}.", "",
+                  "| set | samples | correct | median radius |", "|---|---|---|---|"]
+        for name, m in [("ID (accepted)", c["id"])] + [(f"{k} (rejected)", v) for k, v in c["ood"].items()]:
+            lines.append(f"| {name} | {m['count']} | {m['correct']} | {m['median_radius']:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_reports(results: dict, output: str) -> None:
+    """Writes `results.json`, `results.csv`, `results.md` and TensorBoard summaries under `output`."""
+    os.makedirs(output, exist_ok=True)
+    scores = results.get("scores")
+    plain = {k: v for k, v in results.items() if k != "scores"}
+    if scores is not None:
+        write_tensorboard(scores, os.path.join(output, "tensorboard"))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["detector", "kind", "name", *METRICS, "convention"])
+    writer.writeheader()
+    for row in _rows(results):
+        writer.writerow({**row, "convention": results["convention"]})
+    _atomic_write(os.path.join(output, "results.csv"), buf.getvalue())
+    _atomic_write(os.path.join(output, "results.md"), markdown_table(results))
+    # json last: its presence marks a complete evaluation
+    _atomic_write(os.path.join(output, "results.json"), json.dumps(plain, indent=2, allow_nan=True) + "\n")
+
+
+def _curve_image(det: str, s: dict[str, np.ndarray], kind: str) -> np.ndarray:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+    for name, ood in s.items():
+        if name == "id":
+            continue
+        y = np.r_[np.zeros(len(s["id"])), np.ones(len(ood))]  # OOD positive
+        score = np.r_[s["id"], ood]
+        if kind == "roc":
+            fpr, tpr, _ = roc_curve(y, score)
+            ax.plot(fpr, tpr, label=name)
+            ax.set_xlabel("FPR (ID flagged as OOD)")
+            ax.set_ylabel("TPR (OOD detected)")
+        else:
+            precision, recall, _ = precision_recall_curve(y, score)
+            ax.plot(recall, precision, label=name)
+            ax.set_xlabel("recall (OOD)")
+            ax.set_ylabel("precision (OOD)")
+    ax.set_title(f"{det} {kind.upper()} (OOD positive)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def write_tensorboard(scores: dict[str, dict[str, np.ndarray]], log_dir: str) -> None:
+    """Per detector: histograms of ID and each OOD set's scores, and ROC / PR curve images."""
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default():
+        for det, s in scores.items():
+            for name, values in s.items():
+                tf.summary.histogram(f"{det}/scores/{name}", values, step=0)
+            for kind in ("roc", "pr"):
+                tf.summary.image(f"{det}/{kind}", _curve_image(det, s, kind)[None], step=0)
+    writer.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+def define_flags() -> None:
+    """Defines the CLI flags (only when run as a program, so importing this module defines none)."""
+    from absl import flags
+
+    flags.DEFINE_string("model_dir", None, "Trained classifier: a model dir (uses best.keras) or a .keras file.")
+    flags.DEFINE_string("id_data", None, "ID dataset directory; its --id_split is the ID test set.")
+    flags.DEFINE_string("ood", None, "OOD sets as NAME=DIR[,NAME=DIR...], e.g. svhn=data/svhn,textures=data/dtd.")
+    flags.DEFINE_string("detectors", "energy,msp", f"Comma-separated detectors. Known: {','.join(DETECTORS)}.")
+    flags.DEFINE_string("output", None, "Output directory for results.{json,csv,md} and tensorboard/.")
+    flags.DEFINE_string("fit_data", None, "ID data for detectors that need fitting (knn, react, vim, ...); "
+                        "default: --id_data.")
+    flags.DEFINE_string("fit_split", "train", "Split of --fit_data.")
+    flags.DEFINE_string("id_split", "test", "Split of --id_data used as the ID test set.")
+    flags.DEFINE_string("ood_split", "test", "Split read from every OOD set.")
+    flags.DEFINE_string("ood_groups", None, "Groups of OOD sets averaged together: GROUP=SET,SET[;GROUP=SET...], "
+                        "e.g. 'near=cifar100;far=svhn,textures'.")
+    flags.DEFINE_enum("resize", "error", list(RESIZE_CHOICES), "How to feed sets whose image size or channels "
+                      "differ from the model input: error (default), resize (bilinear) or center_crop.")
+    flags.DEFINE_bool("center_crop", False, "Shorthand for --resize=center_crop.")
+    flags.DEFINE_enum("fpr_convention", "id", list(CONVENTIONS), "FPR95 convention: id = ID positive (GReg, "
+                      "Energy, ODIN papers), ood = OOD positive (OpenOOD, pytorch-ood).")
+    flags.DEFINE_string("detector_params", None, "JSON of per-detector hyperparameters, e.g. "
+                        "'{\"knn\": {\"k\": 10}, \"odin\": {\"eps\": 0.002}}'.")
+    flags.DEFINE_bool("certify", False, "Also report the GReg certified radius (energy score; first-order proxy).")
+    flags.DEFINE_integer("lipschitz_samples", 0, "With --certify: random points per sample in a ball for the "
+                         "sampled local Lipschitz estimate (0 = gradient norm at x only).")
+    flags.DEFINE_float("lipschitz_radius", 0.1, "With --certify: radius of that ball (normalized input units).")
+    flags.DEFINE_integer("batch_size", 256, "Images per forward pass.")
+    flags.DEFINE_integer("limit", None, "Evaluate at most this many images of the ID test set and of each OOD set.")
+    flags.DEFINE_integer("fit_limit", None, "Use at most this many fit images.")
+
+
+def run_from_flags(flags_values) -> dict:
+    """Runs the evaluation described by parsed absl flags; returns the results (with scores)."""
+    from kood.models import load_classifier
+
+    for name in ("model_dir", "id_data", "ood", "output"):
+        if not getattr(flags_values, name):
+            raise ConfigError(f"--{name} is required")
+    resize = flags_values.resize
+    if flags_values.center_crop:
+        if resize not in ("error", "center_crop"):
+            raise ConfigError(f"--center_crop conflicts with --resize={resize}")
+        resize = "center_crop"
+    try:
+        params = json.loads(flags_values.detector_params) if flags_values.detector_params else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--detector_params is not valid JSON ({e}). Received: {flags_values.detector_params!r}")
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise ConfigError(f"--detector_params must be a JSON object of objects. Received: {flags_values.detector_params!r}")
+    detectors = parse_detectors(flags_values.detectors)
+    ood = parse_ood(flags_values.ood)
+    groups = parse_groups(flags_values.ood_groups, list(ood))
+    model = load_classifier(flags_values.model_dir)
+    results = evaluate(
+        model, flags_values.id_data, ood, detectors, fit_dir=flags_values.fit_data, fit_split=flags_values.fit_split,
+        id_split=flags_values.id_split, ood_split=flags_values.ood_split, groups=groups, resize=resize,
+        convention=flags_values.fpr_convention, batch_size=flags_values.batch_size, limit=flags_values.limit,
+        fit_limit=flags_values.fit_limit, detector_params=params, certify=flags_values.certify,
+        certify_options={"lipschitz_samples": flags_values.lipschitz_samples,
+                         "lipschitz_radius": flags_values.lipschitz_radius}, keep_scores=True)
+    results["settings"]["model_dir"] = flags_values.model_dir
+    write_reports(results, flags_values.output)
+    print(markdown_table(results))
+    return results
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    import sys
+
+    try:
+        if len(argv) > 1:
+            raise ConfigError(f"kood.evaluate takes flags only. Received extra arguments: {argv[1:]}")
+        run_from_flags(flags.FLAGS)
+    except (ConfigError, DataError) as e:  # bad input: the message says what to fix, a traceback would not help
+        print(f"kood.evaluate: error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

@@ -1,0 +1,144 @@
+"""kood.evaluate (library, flag parsing, CLI end to end) and kood.certify."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kood import certify, evaluate
+from kood.errors import ConfigError, DataError
+from kood.writer import write_arrays
+from tests.eval_helpers import digits_arrays, noise_images, trained_digits_model, write_eval_sets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    return write_eval_sets(str(tmp_path_factory.mktemp("eval")))
+
+
+def test_parse_ood_and_groups():
+    assert evaluate.parse_ood("svhn=/a, textures=/b") == {"svhn": "/a", "textures": "/b"}
+    for bad in ("svhn", "svhn=", "=/a", "a=/x,a=/y", ""):
+        with pytest.raises(ConfigError, match="--ood"):
+            evaluate.parse_ood(bad)
+    assert evaluate.parse_groups("near=a;far=b,c", ["a", "b", "c"]) == {"near": ["a"], "far": ["b", "c"]}
+    with pytest.raises(ConfigError, match=r"\['d'\]"):
+        evaluate.parse_groups("near=a,d", ["a"])
+    with pytest.raises(ConfigError, match="--ood_groups"):
+        evaluate.parse_groups("near", ["a"])
+
+
+def test_unknown_detector_lists_known():
+    with pytest.raises(ConfigError, match=r"Unknown detector\(s\) \['engery'\]. Known: .*'energy'"):
+        evaluate.parse_detectors("msp,engery")
+
+
+def test_evaluate_library(sets):
+    model = trained_digits_model()
+    r = evaluate.evaluate(model, sets["id"], {"noise": sets["noise"]}, ["energy", "mahalanobis"],
+                          groups={"far": ["noise"]}, limit=150, keep_scores=True)
+    assert r["settings"]["counts"] == {"id": 150, "noise": 150}
+    assert r["id_accuracy"] > 0.85
+    for det in ("energy", "mahalanobis"):
+        m = r["detectors"][det]["sets"]["noise"]
+        assert m["auroc"] > 0.85 and m["fpr95"] < 0.5
+        assert r["detectors"][det]["groups"]["far"] == m
+    # the OOD-positive convention changes FPR95 but not AUROC
+    r2 = evaluate.evaluate(model, sets["id"], {"noise": sets["noise"]}, ["energy"], limit=150, convention="ood",
+                           keep_scores=True)
+    s = r2["scores"]["energy"]
+    flagged = np.mean(s["id"] >= -np.sort(-s["noise"])[int(np.ceil(0.95 * 150)) - 1])
+    assert r2["detectors"]["energy"]["sets"]["noise"]["fpr95"] == pytest.approx(flagged)
+    assert r2["detectors"]["energy"]["sets"]["noise"]["auroc"] == r["detectors"]["energy"]["sets"]["noise"]["auroc"]
+    assert "OOD is positive" in evaluate.markdown_table(r2)
+
+
+def test_size_mismatch_needs_resize(sets):
+    model = trained_digits_model()
+    for name in ("big", "rgb"):
+        with pytest.raises(DataError, match=f"OOD set '{name}'.*--resize"):
+            evaluate.evaluate(model, sets["id"], {name: sets[name]}, ["msp"])
+    r = evaluate.evaluate(model, sets["id"], {"big": sets["big"]}, ["msp"], resize="center_crop", limit=50)
+    assert r["settings"]["counts"]["big"] == 50
+
+
+def test_missing_fit_data(sets, tmp_path):
+    x_train, y_train, x_test, y_test = digits_arrays()
+    test_only = str(tmp_path / "test_only")
+    write_arrays(test_only, {"test": (x_test, y_test)})
+    model = trained_digits_model()
+    with pytest.raises(DataError, match=r"\['knn'\] need ID fit data.*--fit_data"):
+        evaluate.evaluate(model, test_only, {"noise": sets["noise"]}, ["energy", "knn"])
+    # no detector needs fit data: the test-only set is enough
+    evaluate.evaluate(model, test_only, {"noise": sets["noise"]}, ["energy"], limit=20)
+    # fit data from another directory
+    r = evaluate.evaluate(model, test_only, {"noise": sets["noise"]}, ["knn"], fit_dir=sets["id"], limit=50,
+                          detector_params={"knn": {"k": 5}})
+    assert r["detectors"]["knn"]["hyperparams"] == {"k": 5} and r["settings"]["fit_data"] == sets["id"]
+
+
+def test_cli_end_to_end(sets, tmp_path):
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "kood.evaluate", f"--model_dir={sets['model']}", f"--id_data={sets['id']}",
+           f"--ood=noise={sets['noise']},rgb={sets['rgb']}", "--resize=resize", "--ood_groups=far=noise,rgb",
+           "--detectors=energy,odin,knn", '--detector_params={"knn": {"k": 10}}', f"--output={out}",
+           "--certify", "--limit=100", "--batch_size=64"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Convention: FPR95: ID is positive" in proc.stdout and "| knn | rgb |" in proc.stdout
+    assert "first-order proxy" in proc.stdout
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert set(results["detectors"]) == {"energy", "odin", "knn"}
+    assert results["certify"]["id"]["median_radius"] > 0 and results["certify"]["id"]["count"] == 100
+    rows = open(os.path.join(out, "results.csv")).read().splitlines()
+    assert len(rows) == 1 + 3 * 4  # header + (2 sets + 1 group + average) per detector
+    knn_noise = [r for r in rows if r.startswith("knn,set,noise,")][0].split(",")
+    assert float(knn_noise[4]) == pytest.approx(results["detectors"]["knn"]["sets"]["noise"]["auroc"])
+    tags = set()
+    tb = os.path.join(out, "tensorboard")
+    for f in os.listdir(tb):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(tb, f)):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"energy/scores/id", "energy/scores/rgb", "knn/roc", "odin/pr"} <= tags
+    bad = subprocess.run(cmd[:5] + ["--ood=noise", f"--output={out}2"], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and "error: ConfigError: --ood must be NAME=DIR" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert not os.path.exists(os.path.join(out + "2", "results.json"))
+
+
+def test_certified_radius_math():
+    r = certify.certified_radius([-5.0, -2.0, -4.0], [2.0, 1.0, 0.5], gamma=-3.0, is_id=True)
+    np.testing.assert_allclose(r, [1.0, np.nan, 2.0])
+    r = certify.certified_radius([-5.0, -2.0], [2.0, 4.0], gamma=-3.0, is_id=False)
+    np.testing.assert_allclose(r, [np.nan, 0.25])
+
+
+def test_score_gradient_spaces_and_sampling():
+    from kood.models import normalized_model
+
+    model = trained_digits_model()
+    x = noise_images(8, seed=5).astype(np.float32)
+    s, n_norm = certify.ScoreGradient(model, space="normalized")(x)
+    _, n_pix = certify.ScoreGradient(model, space="pixels")(x)
+    # independent path: differentiate the normalized-input model directly
+    net = normalized_model(model)
+    xn = model.get_layer("normalize")(tf.constant(x))
+    with tf.GradientTape() as tape:
+        tape.watch(xn)
+        total = tf.reduce_sum(-tf.reduce_logsumexp(net(xn, training=False)["logits"], axis=1))
+    want = np.linalg.norm(tape.gradient(total, xn).numpy().reshape(8, -1), axis=1)
+    np.testing.assert_allclose(n_norm, want, rtol=1e-4)
+    std = float(np.sqrt(np.asarray(model.get_layer("normalize").variance)).ravel()[0])
+    np.testing.assert_allclose(n_pix * std, n_norm, rtol=1e-4)
+    sampled = certify.ScoreGradient(model).sampled_lipschitz(x, radius=0.5, num_samples=3)
+    assert np.all(sampled >= n_norm - 1e-6)
+    with pytest.raises(ConfigError, match="space"):
+        certify.ScoreGradient(model, space="logits")
