@@ -13,18 +13,19 @@ EPS = 1e-12
 
 
 def fit_templates(logits: np.ndarray) -> np.ndarray:
-    """Templates `[K, K]`: row k = mean softmax of the samples whose argmax is k.
+    """Templates `[M, K]`: one row per class k that some fit sample is predicted as, the mean softmax
+    of those samples. A class no fit sample is predicted as has no template (the score is a min over
+    templates, so it simply does not take part).
 
     Example:
         templates = fit_templates(val_logits)
     """
     p = probabilities(logits)
     predicted = p.argmax(axis=1)
-    missing = [k for k in range(p.shape[1]) if not np.any(predicted == k)]
-    if missing:
-        raise DataError(f"kl_matching: no fit sample is predicted as classes {missing}; their templates "
-                        "cannot be estimated (use more fit data)")
-    return np.stack([p[predicted == k].mean(axis=0) for k in range(p.shape[1])])
+    present = np.unique(predicted)
+    if present.size == 0:
+        raise DataError("kl_matching: the fit data is empty; templates need ID samples")
+    return np.stack([p[predicted == k].mean(axis=0) for k in present])
 
 
 def kl_matching_score(logits: np.ndarray, templates: np.ndarray) -> np.ndarray:
