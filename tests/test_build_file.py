@@ -258,3 +258,17 @@ def test_script_using_test_helpers_is_generated_testonly(tmp_path):
     assert targets["bench_data"].testonly and targets["bench_data"].deps == [":test_helpers"]
     assert not targets["train"].testonly
     assert build_check.check(root) == ([], [])
+
+
+def test_test_reading_a_data_directory_needs_it_in_data(tmp_path):
+    root = make_tree(tmp_path, BASE_TREE)
+    add_files(root, {"flags/demo.cfg": "--method=greg\n",
+                     "tests/test_data.py": 'import os\nfrom kood import data\nfrom tests.helpers import np\n'
+                                           'CFG = os.path.join("x", "flags", "demo.cfg")\n'})
+    problems, _ = build_check.check(root)
+    assert problems == [':test_data does not have flags/ in its data (tests/test_data.py names "flags"); '
+                        'add data = glob(["flags/**"]).']
+    with open(os.path.join(root, "BUILD"), "w") as f:
+        f.write(build_check.suggest_build(root))
+    assert 'data = glob(["flags/**"]),' in open(os.path.join(root, "BUILD")).read()
+    assert build_check.check(root) == ([], [])

@@ -39,6 +39,7 @@ HEADER = (
     "# complete suggested BUILD). Third-party packages come from the system Python.\n"
     'load("//:tools/build_defs.bzl", "kood_py_test")\n'
 )
+_BAZEL_FILES = ("BUILD", "BUILD.bazel", "WORKSPACE", "WORKSPACE.bazel", "MODULE.bazel")
 _ATTR_ORDER = ("name", "size", "timeout", "srcs", "main", "args", "data", "imports", "testonly", "tags",
                "visibility", "deps")
 
@@ -328,6 +329,37 @@ class _Tree:
     imports: dict[str, dict[str, str]]  # file -> {imported file: dotted}
     missing: dict[str, list[str]]  # file -> unresolved project imports
     mains: set[str]
+    reads: dict[str, list[str]]  # file -> top-level data files/dirs it names (["flags/", "BUILD"])
+
+
+def _data_entries(root: str, files: list[str]) -> set[str]:
+    """Top-level files and directories that are data, not Python ("flags/", "pyproject.toml")."""
+    code_dirs = {f.split("/")[0] for f in files if "/" in f}
+    entries = set()
+    for name in os.listdir(root):
+        # Bazel's own files are data only of the BUILD check's test, by hand.
+        if _skip_dir(name) or name.endswith(".py") or name in code_dirs or name in _BAZEL_FILES:
+            continue
+        entries.add(f"{name}/" if os.path.isdir(os.path.join(root, name)) else name)
+    return entries
+
+
+def _named_data(root: str, path: str, entries: set[str]) -> list[str]:
+    """Data entries a module names in a string literal (`os.path.join(REPO, "flags")`)."""
+    names = {e.rstrip("/"): e for e in entries}
+    return sorted({names[n.value] for n in ast.walk(_parse(root, path))
+                   if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in names})
+
+
+def _data_expr(entries: list[str]) -> str:
+    files = [f'"{e}"' for e in entries if not e.endswith("/")]
+    globs = [f'"{e}**"' for e in entries if e.endswith("/")]
+    parts = ([f"[{', '.join(files)}]"] if files else []) + ([f"glob([{', '.join(globs)}])"] if globs else [])
+    return " + ".join(parts)
+
+
+def _data_covers(text: str | None, entry: str) -> bool:
+    return text is not None and f'"{entry.rstrip("/")}' in text
 
 
 def _scan(root: str) -> _Tree:
@@ -335,10 +367,12 @@ def _scan(root: str) -> _Tree:
     fileset = set(files)
     mains = {f for f in files if has_main_block(root, f)}
     entry_modules = {f[:-3].replace("/", ".") for f in mains}
-    imports, missing = {}, {}
+    entries = _data_entries(root, files)
+    imports, missing, reads = {}, {}, {}
     for f in files:
         imports[f], missing[f] = imported_files(root, f, fileset, entry_modules)
-    return _Tree(files, imports, missing, mains)
+        reads[f] = _named_data(root, f, entries)
+    return _Tree(files, imports, missing, mains, reads)
 
 
 def _required_deps(target: Target, owner: dict[str, str], tree: _Tree) -> dict[str, tuple[str, str]]:
@@ -435,6 +469,9 @@ def suggest_build(root: str) -> str:
         attrs.update(t.extra)
         if t.name in old:
             attrs.update({k: SourceText(v) for k, v in old[t.name].extra.items()})
+        reads = sorted({e for src in t.srcs if src != TEST_RUNNER for e in tree.reads[src]})
+        if any(not _data_covers(attrs.get("data"), e) for e in reads):
+            attrs["data"] = SourceText(_data_expr(reads))
         if deps:
             attrs["deps"] = deps
         blocks.append(format_target(TEST_MACRO if t.macro else t.kind, attrs))
@@ -560,6 +597,14 @@ def check(root: str) -> tuple[list[str], list[str]]:
         for dep, label in sorted(declared.items()):
             if dep not in needed and not (t.macro and dep == TEST_HELPERS):
                 problems.append(f"{_label(t.name)} has dep {label} but none of its srcs imports it; remove it.")
+    for t in targets:
+        for src in t.srcs:
+            if src == TEST_RUNNER and t.macro:
+                continue
+            for entry in tree.reads.get(src, []):
+                if not _data_covers(t.extra.get("data"), entry):
+                    problems.append(f"{_label(t.name)} does not have {entry} in its data ({src} names "
+                                    f"\"{entry.rstrip('/')}\"); add data = {_data_expr([entry])}.")
     for component in _cycles(required):
         problems.append(f"targets {', '.join(map(_label, component))} import each other (Bazel rejects "
                         f"dependency cycles); merge them into one target.")
