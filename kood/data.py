@@ -198,6 +198,8 @@ def eval_dataset(directory: str, split: str = "test", *, batch_size: int = 256,
     target = _target_shape(directory, manifest.shape, image_size, resize)
     ds = _records(files, shuffle=False, seed=0, buffer=0, count=0)
     ds = ds.map(_parser(manifest, directory, check_labels=manifest.num_classes > 0), num_parallel_calls=AUTOTUNE)
+    # A known length lets Keras show progress and fails loudly if the shards hold fewer records.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(manifest.count(split)))
     if limit is not None:
         ds = ds.take(limit)
     ds = ds.batch(batch_size)

@@ -74,7 +74,7 @@ def test_min_confidence_drops_exactly_the_low_ones(unlabelled, tmp_path):
     m = pseudo_label(src, out, str(tmp_path / "m.keras"), min_confidence=threshold)
     man = read_manifest(out)
     shape = man.shape
-    ds = tf.data.TFRecordDataset(man.shard_paths(out, "train")).map(lambda s: parse_example(s, shape, "png"))
+    ds = tf.data.TFRecordDataset(man.shard_paths(out, "train")).map(lambda s: parse_example(s, shape, man.encoding))
     records = list(ds.as_numpy_iterator())
     kept_index = [int(r["index"]) for r in records]
     assert kept_index == np.flatnonzero(conf >= threshold).tolist()

@@ -1,0 +1,84 @@
+"""Resumable training state in `MODEL_DIR/ckpt/`, written atomically.
+
+A checkpoint is a directory `ckpt/epoch-NNNNN/` holding the classifier weights
+(`model.weights.h5`), the optimizer variables (`optimizer.npz`) and `state.json`
+(epochs done, best value, ...). `ckpt/latest` names the newest complete one and
+is replaced atomically after the directory is complete, so a run killed at any
+moment resumes from the last complete epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+
+from kood.errors import DataError
+
+LATEST = "latest"
+
+
+def save(ckpt_dir: str, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict,
+         keep: int = 2) -> str:
+    """Writes a checkpoint for `state["epoch"]`; keeps the newest `keep` ones."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    name = f"epoch-{int(state['epoch']):05d}"
+    final = os.path.join(ckpt_dir, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_dir)
+    try:
+        model.save_weights(os.path.join(tmp, "model.weights.h5"))
+        np.savez(os.path.join(tmp, "optimizer.npz"), *[v.numpy() for v in optimizer.variables])
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(os.path.join(ckpt_dir, LATEST), name)
+    done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("epoch-"))
+    for old in done[:-keep]:
+        shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    return final
+
+
+def latest(ckpt_dir: str) -> str | None:
+    """Path of the newest complete checkpoint, or None if there is none."""
+    pointer = os.path.join(ckpt_dir, LATEST)
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(ckpt_dir, f.read().strip())
+    if not os.path.isdir(path):
+        raise DataError(f"{pointer} names {path}, which does not exist: the checkpoint directory is damaged")
+    return path
+
+
+def restore(path: str, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> dict:
+    """Loads weights and optimizer variables strictly; returns the saved state."""
+    model.load_weights(os.path.join(path, "model.weights.h5"))
+    optimizer.build(model.trainable_variables)
+    with np.load(os.path.join(path, "optimizer.npz")) as data:
+        values = [data[f"arr_{i}"] for i in range(len(data.files))]
+    if len(values) != len(optimizer.variables):
+        raise DataError(f"{path}/optimizer.npz holds {len(values)} optimizer variables, the optimizer has "
+                        f"{len(optimizer.variables)}: the checkpoint was made with another optimizer or model")
+    for var, value in zip(optimizer.variables, values):
+        if tuple(var.shape) != value.shape:
+            raise DataError(f"{path}/optimizer.npz: variable {var.path} has shape {value.shape}, "
+                            f"expected {tuple(var.shape)}")
+        var.assign(value)
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

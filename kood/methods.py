@@ -1,0 +1,113 @@
+"""`--method` presets. A preset only sets the underlying hyperparameters; any of
+them can be set directly (a flag given on the command line wins over the preset).
+
+Adding a method = one entry in METHODS (and, if it needs a new loss term, one
+function in kood/losses.py used by kood/trainer.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kood.errors import ConfigError
+
+SCORE_LOSSES = ("none", "oe", "energy")
+SAMPLERS = ("random", "energy_cluster")
+GRAD_SPACES = ("normalized", "pixel")
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Loss and sampling hyperparameters of one training method (see docs/methods.md).
+
+    Args:
+        score_loss: auxiliary-data loss: `none` (plain CE), `oe` (outlier exposure,
+            CE to uniform on outliers) or `energy` (Liu et al. 2020 squared hinge on energies).
+        energy_weight: lambda_S, weight of the energy loss.
+        oe_weight: weight of the OE loss (Hendrycks et al. 2019 use 0.5).
+        m_in, m_out: energy margins (GReg code: -25 / -7 for every dataset).
+        grad_weight: lambda_grad of the GReg input-gradient penalty (0 = off).
+        grad_space: input space the gradient norm is measured in: `normalized`
+            (the model's input after mean/std, the paper's choice) or `pixel` (0..255).
+        sampler: `random` (a random auxiliary batch) or `energy_cluster` (GReg+ Algorithm 1).
+        cluster_k: K-means clusters, used as min(cluster_k, B_id).
+        pool_factor: GReg+ candidate pool size as a multiple of the ID batch size.
+        two_way: GReg+ takes both the lowest- and highest-energy sample of each cluster.
+        kmeans_iters: Lloyd iterations of the in-graph K-means.
+        aux_batch_factor: auxiliary batch size as a multiple of the ID batch for the
+            random sampler (the energy-cluster sampler selects 2 x B_id).
+        temperature: T of the energy score.
+    """
+
+    score_loss: str = "none"
+    energy_weight: float = 0.1
+    oe_weight: float = 0.5
+    m_in: float = -25.0
+    m_out: float = -7.0
+    grad_weight: float = 0.0
+    grad_space: str = "normalized"
+    sampler: str = "random"
+    cluster_k: int = 64
+    pool_factor: int = 6
+    two_way: bool = True
+    kmeans_iters: int = 10
+    aux_batch_factor: float = 1.0
+    temperature: float = 1.0
+
+    @property
+    def uses_aux(self) -> bool:
+        return self.score_loss != "none" or self.grad_weight > 0 or self.sampler != "random"
+
+    def validate(self) -> None:
+        def bad(flag, msg):
+            raise ConfigError(f"--{flag}: {msg}. Received: {flag}={getattr(self, flag)!r}")
+
+        if self.score_loss not in SCORE_LOSSES:
+            bad("score_loss", f"must be one of {SCORE_LOSSES}")
+        if self.sampler not in SAMPLERS:
+            bad("sampler", f"must be one of {SAMPLERS}")
+        if self.grad_space not in GRAD_SPACES:
+            bad("grad_space", f"must be one of {GRAD_SPACES}")
+        for name in ("energy_weight", "oe_weight", "grad_weight"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        if self.m_in >= self.m_out:
+            bad("m_in", f"must be below --m_out={self.m_out} (ID energies are pushed below m_in, outliers above m_out)")
+        if self.cluster_k < 1:
+            bad("cluster_k", "must be >= 1")
+        if self.pool_factor < 2 and self.sampler == "energy_cluster":
+            bad("pool_factor", "must be >= 2 for the energy_cluster sampler, which selects 2 x batch_size")
+        if self.kmeans_iters < 1:
+            bad("kmeans_iters", "must be >= 1")
+        if self.aux_batch_factor <= 0:
+            bad("aux_batch_factor", "must be > 0")
+        if self.temperature <= 0:
+            bad("temperature", "must be > 0")
+
+
+METHODS: dict[str, dict] = {
+    "ce": dict(score_loss="none"),
+    "oe": dict(score_loss="oe"),
+    "energy": dict(score_loss="energy"),
+    "greg": dict(score_loss="energy", grad_weight=1.0),
+    "greg_plus": dict(score_loss="energy", grad_weight=1.0, sampler="energy_cluster"),
+    "energy_cluster": dict(score_loss="energy", grad_weight=0.0, sampler="energy_cluster"),
+    "oe_grad": dict(score_loss="oe", grad_weight=1.0),
+}
+
+
+def method_config(method: str, **overrides) -> MethodConfig:
+    """The preset for `method` with `overrides` applied, validated.
+
+    Example:
+        cfg = method_config("greg_plus", cluster_k=32)
+    """
+    if method not in METHODS:
+        raise ConfigError(f"--method: unknown method. Known: {sorted(METHODS)}. Received: method={method!r}")
+    fields = {f.name for f in dataclasses.fields(MethodConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ConfigError(f"Unknown method hyperparameters {sorted(unknown)}; known: {sorted(fields)}")
+    config = MethodConfig(**{**METHODS[method], **overrides})
+    config.validate()
+    return config

@@ -1,0 +1,302 @@
+"""One training run: data, model, optimizer, the epoch loop, checkpoints, final evaluation.
+
+`kood.train` (the CLI) fills a `RunConfig` from flags and calls `run_training`.
+Each epoch is one `fit` call on a data pipeline seeded by (seed, epoch), so a run
+restarted from its last checkpoint sees exactly the batches an uninterrupted run
+would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kood import checkpoint, data, losses, metrics
+from kood.errors import ConfigError, DataError
+from kood.manifest import read_manifest
+from kood.methods import MethodConfig, method_config
+from kood.models import ARCHITECTURES, build_classifier, load_classifier
+from kood.summaries import NanGuard, TensorBoardLogger
+from kood.trainer import OODTrainer
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "multistep", "constant")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything a run needs; `kood.train` documents each field as a flag."""
+
+    model_dir: str
+    id_data: str
+    method: str = "greg"
+    method_overrides: dict = dataclasses.field(default_factory=dict)
+    aux_data: str | None = None
+    syn_data: str | None = None
+    sio_ratio: float = 1.0
+    ood_data: dict = dataclasses.field(default_factory=dict)  # name -> dataset dir, evaluated at the end
+    arch: str = "small_cnn"
+    arch_kwargs: dict = dataclasses.field(default_factory=dict)
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    min_lr: float = 0.0
+    lr_milestones: tuple = ()
+    lr_gamma: float = 0.1
+    epochs: int = 10
+    steps_per_epoch: int = 0  # 0: real ID train images // real images per batch
+    batch_size: int = 64
+    augment: bool = True
+    seed: int = 0
+    init_checkpoint: str | None = None
+    val_split: str = "auto"
+    log_every: int = 10
+    deterministic: bool = False
+    jit_compile: bool = False
+    verbose: int = 1
+
+
+def validate(cfg: RunConfig) -> MethodConfig:
+    """Checks flags and their combinations before any work; returns the method config."""
+    mcfg = method_config(cfg.method, **cfg.method_overrides)
+    if cfg.arch not in ARCHITECTURES:
+        raise ConfigError(f"--arch: unknown architecture. Known: {sorted(ARCHITECTURES)}. Received: arch={cfg.arch!r}")
+    if not 0.0 < cfg.sio_ratio <= 1.0:
+        raise ConfigError(f"--sio_ratio must be in (0, 1] (1 = no synthetic data). Received: sio_ratio={cfg.sio_ratio}")
+    if cfg.sio_ratio < 1.0 and not cfg.syn_data:
+        raise ConfigError(f"--sio_ratio={cfg.sio_ratio} replaces part of each batch with synthetic images: "
+                          "it needs --syn_data=DIR")
+    if cfg.syn_data and cfg.sio_ratio == 1.0:
+        raise ConfigError("--syn_data is given but --sio_ratio=1.0 would never use it; set e.g. --sio_ratio=0.8")
+    if mcfg.uses_aux and not cfg.aux_data:
+        raise ConfigError(f"--method={cfg.method} trains on auxiliary outliers: it needs --aux_data=DIR")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer must be one of {OPTIMIZERS}. Received: optimizer={cfg.optimizer!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"--schedule must be one of {SCHEDULES}. Received: schedule={cfg.schedule!r}")
+    if cfg.schedule == "multistep" and not cfg.lr_milestones:
+        raise ConfigError("--schedule=multistep needs --lr_milestones (epochs, e.g. 50)")
+    for name in ("epochs", "batch_size", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1. Received: {name}={getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"--lr must be > 0. Received: lr={cfg.lr}")
+    return mcfg
+
+
+def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=total, alpha=cfg.min_lr / cfg.lr)
+    elif cfg.schedule == "multistep":
+        bounds = [int(m) * steps_per_epoch for m in cfg.lr_milestones]
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+            bounds, [cfg.lr * cfg.lr_gamma ** i for i in range(len(bounds) + 1)])
+    else:
+        lr = cfg.lr
+    wd = cfg.weight_decay or None
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
+    return keras.optimizers.Adam(lr, weight_decay=wd)
+
+
+def _run_signature(cfg: RunConfig) -> dict:
+    """The parts of the config that must not change when a run is resumed."""
+    sig = dataclasses.asdict(cfg)
+    for volatile in ("verbose", "log_every", "ood_data"):
+        sig.pop(volatile)
+    sig["lr_milestones"] = list(sig["lr_milestones"])
+    return sig
+
+
+def _check_model_dir(cfg: RunConfig) -> dict:
+    os.makedirs(cfg.model_dir, exist_ok=True)
+    path = os.path.join(cfg.model_dir, "config.json")
+    sig = _run_signature(cfg)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in sig.items() if old.get(k) != v}
+        if diff:
+            raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with other settings "
+                              f"(saved vs now: {diff}); use a new --model_dir to start another run")
+    else:
+        with open(path + ".tmp", "w") as f:
+            json.dump(sig, f, indent=2)
+        os.replace(path + ".tmp", path)
+    return sig
+
+
+def _build_classifier(cfg: RunConfig, manifest) -> keras.Model:
+    model = build_classifier(cfg.arch, input_shape=manifest.shape, num_classes=manifest.num_classes,
+                             mean=manifest.mean, std=manifest.std, **cfg.arch_kwargs)
+    if cfg.init_checkpoint:
+        source = load_classifier(cfg.init_checkpoint)
+        mine, theirs = model.weights, source.weights
+        if len(mine) != len(theirs):
+            raise ConfigError(f"--init_checkpoint={cfg.init_checkpoint} has {len(theirs)} weights, "
+                              f"--arch={cfg.arch} has {len(mine)}: not the same architecture")
+        for a, b in zip(mine, theirs):
+            if tuple(a.shape) != tuple(b.shape):
+                raise ConfigError(f"--init_checkpoint={cfg.init_checkpoint}: weight {b.path} has shape "
+                                  f"{tuple(b.shape)}, --arch={cfg.arch} expects {tuple(a.shape)} at {a.path}")
+        model.set_weights(source.get_weights())
+    return model
+
+
+def _val_split(cfg: RunConfig, manifest) -> str | None:
+    if cfg.val_split == "none":
+        return None
+    if cfg.val_split != "auto":
+        manifest.split(cfg.val_split, cfg.id_data)  # DataError naming the missing split
+        return cfg.val_split
+    for name in ("val", "validation", "test"):
+        if name in manifest.splits:
+            return name
+    return None
+
+
+def _epoch_data(cfg: RunConfig, trainer: OODTrainer, epoch: int, aux_shape) -> tf.data.Dataset:
+    seed = cfg.seed * 100_003 + epoch
+    id_ds, _ = data.train_dataset(cfg.id_data, batch_size=cfg.batch_size, augment=cfg.augment, seed=seed,
+                                  syn_directory=cfg.syn_data, sio_ratio=cfg.sio_ratio)
+    if not trainer.config.uses_aux:
+        return id_ds
+    aux = data.outlier_stream(cfg.aux_data, batch_size=trainer.aux_batch_size(cfg.batch_size),
+                              augment=cfg.augment, seed=seed, image_shape=aux_shape)
+    return tf.data.Dataset.zip((id_ds, aux))
+
+
+def _scores(model: keras.Model, directory: str, split: str, temperature: float, batch_size: int = 256):
+    energies, correct = [], []
+    for images, labels in data.eval_dataset(directory, split, batch_size=batch_size):
+        logits = model(images, training=False)
+        energies.append(losses.energy_score(logits, temperature).numpy())
+        correct.append((np.argmax(logits, -1) == labels.numpy()))
+    return np.concatenate(energies), np.concatenate(correct)
+
+
+def final_evaluation(model: keras.Model, cfg: RunConfig, mcfg: MethodConfig, manifest) -> dict:
+    """Energy-score OOD metrics on each `cfg.ood_data` set vs the ID test split."""
+    split = "test" if "test" in manifest.splits else _val_split(cfg, manifest)
+    if split is None or not cfg.ood_data:
+        return {}
+    s_id, correct = _scores(model, cfg.id_data, split, mcfg.temperature)
+    results = {"id_split": split, "id_accuracy": float(correct.mean()), "score": "energy",
+               "fpr_convention": "ID positive (fraction of OOD accepted at 95% ID TPR)", "ood": {}}
+    for name, directory in cfg.ood_data.items():
+        ood_manifest = read_manifest(directory)
+        ood_split = "test" if "test" in ood_manifest.splits else next(iter(ood_manifest.splits))
+        s_ood, _ = _scores(model, directory, ood_split, mcfg.temperature)
+        results["ood"][name] = metrics.ood_metrics(s_id, s_ood)
+    return results
+
+
+def format_results(results: dict) -> str:
+    if not results.get("ood"):
+        return "(no OOD evaluation: pass --ood_data=name=DIR)"
+    lines = [f"ID accuracy ({results['id_split']} split): {results['id_accuracy']:.4f}",
+             f"OOD score: {results['score']}; FPR95 convention: {results['fpr_convention']}",
+             "| OOD set | FPR95 | AUROC | AUPR-In | AUPR-Out |", "|---|---|---|---|---|"]
+    for name, m in results["ood"].items():
+        lines.append(f"| {name} | {m['fpr95']:.4f} | {m['auroc']:.4f} | {m['aupr_in']:.4f} | {m['aupr_out']:.4f} |")
+    return "\n".join(lines)
+
+
+def _save_atomic(model: keras.Model, path: str) -> None:
+    """A killed run never leaves a truncated `.keras` file under the final name."""
+    tmp = path[: -len(".keras")] + ".partial.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def run_training(cfg: RunConfig) -> dict:
+    """Trains (or resumes, or finds finished) the run in `cfg.model_dir`; returns final metrics."""
+    mcfg = validate(cfg)
+    manifest = read_manifest(cfg.id_data)
+    if manifest.kind not in ("real", "synthetic"):
+        raise DataError(f"--id_data={cfg.id_data} is a {manifest.kind!r} set; ID training data must be 'real'")
+    if manifest.num_classes < 2:
+        raise DataError(f"--id_data={cfg.id_data} has {manifest.num_classes} classes; a classifier needs >= 2")
+    for flag, directory in (("aux_data", cfg.aux_data if mcfg.uses_aux else None), ("syn_data", cfg.syn_data)):
+        if directory:
+            other = read_manifest(directory)
+            if other.shape != manifest.shape:
+                raise DataError(f"--{flag}={directory} holds {other.shape} images, --id_data={cfg.id_data} holds "
+                                f"{manifest.shape}; convert them to the same size (data_prep --image_size)")
+    for name, directory in cfg.ood_data.items():
+        read_manifest(directory)
+    _check_model_dir(cfg)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(cfg.seed)
+
+    real_per_batch = int(cfg.batch_size * cfg.sio_ratio)
+    if real_per_batch < 1:
+        raise ConfigError(f"--batch_size={cfg.batch_size} x --sio_ratio={cfg.sio_ratio} leaves no real image per batch")
+    steps = cfg.steps_per_epoch or max(1, manifest.count("train") // real_per_batch)
+    classifier = _build_classifier(cfg, manifest)
+    trainer = OODTrainer(classifier, mcfg, seed=cfg.seed)
+    optimizer = make_optimizer(cfg, steps)
+    trainer.compile(optimizer=optimizer, jit_compile=cfg.jit_compile)
+
+    ckpt_dir = os.path.join(cfg.model_dir, "ckpt")
+    state = {"epoch": 0, "best": None, "finished": False, "history": []}
+    latest = checkpoint.latest(ckpt_dir)
+    if latest:
+        state = checkpoint.restore(latest, classifier, optimizer)
+        print(f"Resuming {cfg.model_dir} from {latest} (epoch {state['epoch']}/{cfg.epochs})", file=sys.stderr)
+
+    val_split = _val_split(cfg, manifest)
+    if state["epoch"] < cfg.epochs:
+        probe_id = next(iter(data.eval_dataset(cfg.id_data, val_split or "train", batch_size=cfg.batch_size)))[0]
+        probe_aux = None
+        if mcfg.uses_aux:
+            probe_aux = next(iter(data.eval_dataset(cfg.aux_data, next(iter(read_manifest(cfg.aux_data).splits)),
+                                                    batch_size=trainer.aux_batch_size(cfg.batch_size))))[0]
+        hparams = {"method": cfg.method, "arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr,
+                   "batch_size": cfg.batch_size, "epochs": cfg.epochs, "sio_ratio": cfg.sio_ratio, "seed": cfg.seed,
+                   **dataclasses.asdict(mcfg)}
+        logger = TensorBoardLogger(os.path.join(cfg.model_dir, "logs"), probe_id, probe_aux, hparams, cfg.log_every)
+        guard = NanGuard()
+        for epoch in range(state["epoch"], cfg.epochs):
+            start = time.time()
+            trainer.fit(_epoch_data(cfg, trainer, epoch, manifest.shape), epochs=epoch + 1,
+                        initial_epoch=epoch, steps_per_epoch=steps, callbacks=[guard, logger],
+                        verbose=cfg.verbose if sys.stderr.isatty() or cfg.verbose == 0 else 2)
+            if guard.failure:
+                raise FloatingPointError(
+                    f"Training stopped in epoch {epoch + 1}: {guard.failure}. The last good checkpoint "
+                    f"(epoch {state['epoch']}) is kept in {ckpt_dir}; lower --lr or the loss weights and rerun.")
+            record = {"epoch": epoch + 1, "seconds": round(time.time() - start, 2)}
+            if val_split:
+                val = trainer.evaluate(data.eval_dataset(cfg.id_data, val_split, batch_size=256), verbose=0,
+                                       return_dict=True)
+                record.update(val_accuracy=float(val["accuracy"]), val_ce=float(val["ce_loss"]))
+            _save_atomic(classifier, os.path.join(cfg.model_dir, "last.keras"))
+            score = record.get("val_accuracy", -float(epoch))
+            if val_split is None or state["best"] is None or score > state["best"]:
+                state["best"] = score if val_split else None
+                _save_atomic(classifier, os.path.join(cfg.model_dir, "best.keras"))
+            state["epoch"] = epoch + 1
+            state["history"].append(record)
+            state["finished"] = state["epoch"] >= cfg.epochs
+            checkpoint.save(ckpt_dir, classifier, optimizer, state)
+
+    results = final_evaluation(classifier, cfg, mcfg, manifest)
+    results["model_dir"] = cfg.model_dir
+    results["tensorboard"] = f"tensorboard --logdir {os.path.join(cfg.model_dir, 'logs')}"
+    with open(os.path.join(cfg.model_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results

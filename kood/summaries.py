@@ -1,0 +1,114 @@
+"""TensorBoard logging and the NaN guard for `kood.train` (Keras callbacks).
+
+Writes to `MODEL_DIR/logs/`:
+- `train/`: per-step scalars (every loss term, accuracy, energies, mask fractions, lr);
+- `epoch/`: per-epoch scalars (the same, plus validation and the mean input-gradient
+  norm of the score, paper Fig. 3), histograms of ID vs auxiliary energy (paper
+  Fig. 4), an image grid of the outliers the GReg+ sampler chose, and the run's
+  hyperparameters (hparams plugin).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kood import losses
+
+
+def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
+    """Tiles `[N, H, W, C]` pixel images (0..255) into one `[1, rows*H, columns*W, C]` float image in [0, 1]."""
+    n, h, w, c = images.shape
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * h, columns * w, c), np.float32)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image / 255.0
+    return grid[None]
+
+
+class TensorBoardLogger(keras.callbacks.Callback):
+    """Step and epoch summaries (see module docstring).
+
+    Args:
+        log_dir: `MODEL_DIR/logs`.
+        probe_id: a fixed batch of ID images for the epoch-end energy histograms.
+        probe_aux: a fixed batch of auxiliary images (a candidate pool for GReg+).
+        hparams: flat dict of the run's hyperparameters.
+        log_every: write step scalars every this many steps.
+    """
+
+    def __init__(self, log_dir: str, probe_id: tf.Tensor, probe_aux: tf.Tensor | None, hparams: dict,
+                 log_every: int = 10):
+        super().__init__()
+        self.train_writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
+        self.epoch_writer = tf.summary.create_file_writer(os.path.join(log_dir, "epoch"))
+        self.probe_id, self.probe_aux = probe_id, probe_aux
+        self.hparams, self.log_every = hparams, max(1, int(log_every))
+        self._hparams_written = False
+
+    def _lr(self) -> float:
+        opt = self.model.optimizer
+        lr = opt.learning_rate
+        return float(lr(opt.iterations) if callable(lr) else lr)
+
+    def on_train_begin(self, logs=None):
+        if not self._hparams_written:
+            from tensorboard.plugins.hparams import api as hp
+
+            with self.epoch_writer.as_default():
+                hp.hparams({k: v for k, v in self.hparams.items() if isinstance(v, (bool, int, float, str))})
+            self._hparams_written = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.log_every and step != 1:
+            return
+        with self.train_writer.as_default(step=step):
+            for name, value in (logs or {}).items():
+                tf.summary.scalar(name, float(value))
+            tf.summary.scalar("lr", self._lr())
+
+    def on_epoch_end(self, epoch, logs=None):
+        trainer = self.model
+        step = int(trainer.optimizer.iterations.numpy())
+        cfg = trainer.config
+        with self.epoch_writer.as_default(step=epoch + 1):
+            for name, value in (logs or {}).items():
+                tf.summary.scalar(name, float(value))
+            tf.summary.scalar("lr", self._lr())
+            tf.summary.scalar("global_step", step)
+            s_id = losses.energy_score(trainer.classifier(self.probe_id, training=False), cfg.temperature)
+            tf.summary.histogram("energy/id", s_id)
+            norms = [trainer.score_grad_norm(self.probe_id)]
+            if self.probe_aux is not None:
+                s_aux = losses.energy_score(trainer.classifier(self.probe_aux, training=False), cfg.temperature)
+                tf.summary.histogram("energy/aux", s_aux)
+                norms.append(trainer.score_grad_norm(self.probe_aux))
+                if cfg.sampler == "energy_cluster":
+                    num_id = int(self.probe_aux.shape[0]) // cfg.pool_factor
+                    chosen = tf.gather(self.probe_aux, trainer.select_outliers(self.probe_aux, num_id))
+                    tf.summary.image("sampler/chosen_outliers", image_grid(chosen.numpy()[:64]), step=epoch + 1)
+            # Paper Fig. 3: mean input-gradient norm of the energy score.
+            tf.summary.scalar("score_grad_norm", float(tf.reduce_mean(tf.concat(norms, 0))))
+        self.epoch_writer.flush()
+        self.train_writer.flush()
+
+
+class NanGuard(keras.callbacks.Callback):
+    """Stops training at the first non-finite loss term and remembers where."""
+
+    def __init__(self):
+        super().__init__()
+        self.failure: str | None = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        bad = {k: float(v) for k, v in (logs or {}).items() if not np.isfinite(float(v))}
+        if bad:
+            step = int(self.model.optimizer.iterations.numpy())
+            self.failure = f"non-finite training values at step {step}: {bad}"
+            self.model.stop_training = True

@@ -1,0 +1,171 @@
+"""`OODTrainer`: one custom Keras `train_step` for CE, OE, energy, GReg and GReg+.
+
+The step composes the small pure functions of `kood.losses` and `kood.sampling`:
+
+1. (GReg+) forward the candidate pool in inference mode, no gradient, and pick
+   2 x B_id outliers by energy-based K-means sampling (in the graph);
+2. ONE forward pass over `[x_id; x_aux]` (shared BatchNorm statistics), under a
+   nested tape when the gradient penalty is on (double backprop);
+3. loss = CE(ID) + energy_weight * L_energy | oe_weight * L_oe + grad_weight * L_grad.
+
+Example:
+    trainer = OODTrainer(classifier, method_config("greg"))
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    trainer.fit(tf.data.Dataset.zip((id_ds, aux_ds)), steps_per_epoch=100)
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from kood import losses, sampling
+from kood.methods import MethodConfig
+from kood.models import normalized_model
+
+METRIC_NAMES = ("loss", "ce_loss", "energy_loss", "oe_loss", "grad_penalty", "accuracy", "weight_grad_norm",
+                "energy_id", "energy_aux", "grad_keep_id", "grad_keep_aux", "energy_active_id", "energy_active_aux")
+
+
+class OODTrainer(keras.Model):
+    """Wraps a kood classifier (see `kood.models.build_classifier`) with the OOD train step.
+
+    Args:
+        classifier: functional model with layers `normalize`, `features`, `classifier`.
+        config: the method's hyperparameters (`kood.methods.method_config`).
+        seed: base seed of the in-graph sampler (combined with the step counter).
+
+    Data given to `fit`: `(x_id, y_id)` batches for methods without auxiliary data,
+    else `((x_id, y_id), x_aux)`; `x_aux` holds `aux_batch_size(B)` images.
+    """
+
+    def __init__(self, classifier: keras.Model, config: MethodConfig, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        config.validate()
+        self.classifier = classifier
+        self.config = config
+        self.seed = int(seed)
+        self.normalize = classifier.get_layer("normalize")
+        self.net = normalized_model(classifier)
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
+        # Per-channel factor turning a gradient w.r.t. the normalized input into one w.r.t. pixels.
+        std = tf.sqrt(tf.cast(self.normalize.variance, tf.float32))
+        self._pixel_scale = tf.reshape(1.0 / std, [-1])
+
+    def call(self, images, training=False):
+        return self.classifier(images, training=training)
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def aux_batch_size(self, batch_size: int) -> int:
+        """Auxiliary images per step the data pipeline must provide."""
+        if self.config.sampler == "energy_cluster":
+            return self.config.pool_factor * batch_size
+        return max(1, int(round(self.config.aux_batch_factor * batch_size)))
+
+    def select_outliers(self, pool: tf.Tensor, num_id: int) -> tf.Tensor:
+        """GReg+ sampling: indices of 2 x B_id candidates chosen by energy-based clustering."""
+        out = self.net(self.normalize(pool), training=False)
+        features = tf.stop_gradient(out["features"])
+        energies = tf.stop_gradient(losses.energy_score(out["logits"], self.config.temperature))
+        seed = tf.stack([tf.cast(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
+        return sampling.energy_cluster_sample(
+            features, energies, num_select=2 * num_id, num_clusters=min(self.config.cluster_k, num_id),
+            two_way=self.config.two_way, iters=self.config.kmeans_iters, seed=seed)
+
+    @staticmethod
+    def _unpack(data):
+        """`((x_id, y_id), x_aux)` or `(x_id, y_id)` -> `x_id, y_id, x_aux | None`."""
+        (x_id, y_id), x_aux = (data[0], data[1]) if isinstance(data[0], (tuple, list)) else (data, None)
+        return x_id, y_id, x_aux
+
+    def compute_losses(self, x_id: tf.Tensor, y_id: tf.Tensor, x_aux: tf.Tensor | None,
+                       training: bool = True) -> dict[str, tf.Tensor]:
+        """Every loss term of the method on one (already sampled) batch; differentiable.
+
+        One forward pass over `[x_id; x_aux]`, nested in a tape when the gradient
+        penalty is on. Returns the terms, `loss` (their weighted sum), `logits` and `energies`.
+        """
+        cfg = self.config
+        num_id = tf.shape(x_id)[0] if x_id.shape[0] is None else x_id.shape[0]
+        use_aux = cfg.uses_aux and x_aux is not None
+        x_norm = self.normalize(tf.concat([x_id, x_aux], 0) if use_aux else x_id)
+        if cfg.grad_weight > 0:
+            pixel_scale = self._pixel_scale if cfg.grad_space == "pixel" else None
+            res = losses.score_gradient_penalty(self.net, x_norm, num_id, cfg.m_in, cfg.m_out,
+                                                temperature=cfg.temperature, training=training,
+                                                pixel_scale=pixel_scale)
+            logits, penalty = res["logits"], res["penalty"]
+        else:
+            logits, penalty = self.net(x_norm, training=training)["logits"], tf.constant(0.0)
+        logits = tf.cast(logits, tf.float32)
+        ce = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y_id, logits[:num_id], from_logits=True))
+        energies = losses.energy_score(logits, cfg.temperature)
+        energy_term = oe_term = tf.constant(0.0)
+        if use_aux and cfg.score_loss == "energy":
+            energy_term = losses.energy_loss(energies[:num_id], energies[num_id:], cfg.m_in, cfg.m_out)
+        if use_aux and cfg.score_loss == "oe":
+            oe_term = losses.oe_loss(logits[num_id:])
+        loss = ce + cfg.energy_weight * energy_term + cfg.oe_weight * oe_term + cfg.grad_weight * penalty
+        if self.classifier.losses:
+            loss += tf.add_n(self.classifier.losses)
+        return {"loss": loss, "ce_loss": ce, "energy_loss": energy_term, "oe_loss": oe_term,
+                "grad_penalty": penalty, "logits": logits, "energies": energies, "num_id": num_id}
+
+    def train_step(self, data):
+        cfg = self.config
+        x_id, y_id, x_aux = self._unpack(data)
+        if x_aux is not None and cfg.sampler == "energy_cluster":
+            x_aux = tf.gather(x_aux, self.select_outliers(x_aux, int(x_id.shape[0])))
+        with tf.GradientTape() as tape:
+            terms = self.compute_losses(x_id, y_id, x_aux, training=True)
+        variables = self.classifier.trainable_variables
+        grads = tape.gradient(terms["loss"], variables)
+        self.optimizer.apply(grads, variables)
+
+        num_id, cfg = terms["num_id"], self.config
+        s_id, s_aux = terms["energies"][:num_id], terms["energies"][num_id:]
+        values = {k: terms[k] for k in ("loss", "ce_loss", "energy_loss", "oe_loss", "grad_penalty")}
+        values["accuracy"] = _accuracy(y_id, terms["logits"][:num_id])
+        values["weight_grad_norm"] = tf.linalg.global_norm(grads)
+        values["energy_id"] = tf.reduce_mean(s_id)
+        if cfg.uses_aux and x_aux is not None:
+            active_id, active_aux = losses.energy_loss_masks(s_id, s_aux, cfg.m_in, cfg.m_out)
+            keep_id, keep_aux = losses.greg_masks(s_id, s_aux, cfg.m_in, cfg.m_out)
+            values.update(energy_aux=tf.reduce_mean(s_aux),
+                          energy_active_id=_fraction(active_id), energy_active_aux=_fraction(active_aux),
+                          grad_keep_id=_fraction(keep_id), grad_keep_aux=_fraction(keep_aux))
+        for name, value in values.items():
+            self.trackers[name].update_state(value)
+        return {name: self.trackers[name].result() for name in values}
+
+    def test_step(self, data):
+        x, y = data[:2] if isinstance(data, (tuple, list)) else (data, None)
+        logits = tf.cast(self.classifier(x, training=False), tf.float32)
+        ce = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        self.trackers["ce_loss"].update_state(ce)
+        self.trackers["accuracy"].update_state(_accuracy(y, logits))
+        self.trackers["energy_id"].update_state(tf.reduce_mean(losses.energy_score(logits, self.config.temperature)))
+        return {n: self.trackers[n].result() for n in ("ce_loss", "accuracy", "energy_id")}
+
+    @tf.function
+    def score_grad_norm(self, images: tf.Tensor) -> tf.Tensor:
+        """Per-sample L2 norm of d S(x) / d x in inference mode (paper Fig. 3), in `grad_space`."""
+        x_norm = self.normalize(images)
+        if self.config.grad_space == "normalized":
+            return losses.score_input_grad_norms(self.net, x_norm, self.config.temperature)
+        with tf.GradientTape() as tape:
+            tape.watch(x_norm)
+            total = tf.reduce_sum(losses.energy_score(self.net(x_norm, training=False)["logits"],
+                                                      self.config.temperature))
+        return losses.grad_norm_per_sample(tape.gradient(total, x_norm) * self._pixel_scale)
+
+
+def _fraction(mask: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_mean(tf.cast(mask, tf.float32))
+
+
+def _accuracy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1), tf.cast(labels, tf.int64)), tf.float32))

@@ -1,0 +1,215 @@
+"""kood.trainer / kood.run / kood.train: methods learn, runs resume exactly, logs hold the tags."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kood import run as run_lib
+from kood.errors import ConfigError
+from kood.methods import METHODS, method_config
+from kood.models import build_classifier
+from kood.trainer import OODTrainer
+from tests.train_helpers import digits_arrays, make_digit_sets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def digit_sets(tmp_path_factory):
+    return make_digit_sets(str(tmp_path_factory.mktemp("digits")))
+
+
+def _classifier(num_classes=5):
+    return build_classifier("small_cnn", input_shape=(8, 8, 1), num_classes=num_classes, mean=[60.0], std=[80.0])
+
+
+def _config(dirs, model_dir, **kw):
+    base = dict(model_dir=model_dir, id_data=dirs["id"], aux_data=dirs["aux"], ood_data={"ood": dirs["ood"]},
+                method="greg", epochs=2, steps_per_epoch=3, batch_size=16, lr=0.05, verbose=0)
+    base.update(kw)
+    return run_lib.RunConfig(**base)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_lowers_its_loss(method):
+    x, y = digits_arrays([0, 1, 2, 3, 4])
+    xa, _ = digits_arrays([5, 6, 7])
+    b = 16
+    x_id, y_id = tf.constant(x[:b], tf.float32), tf.constant(y[:b])
+    trainer = OODTrainer(_classifier(), method_config(method, cluster_k=4, pool_factor=3))
+    pool = tf.constant(xa[:trainer.aux_batch_size(b)], tf.float32)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.02, momentum=0.9))
+    fixed_aux = pool[:2 * b] if trainer.config.sampler == "energy_cluster" else pool
+    before = float(trainer.compute_losses(x_id, y_id, fixed_aux, training=False)["loss"])
+    batch = ((x_id, y_id), pool) if trainer.config.uses_aux else (x_id, y_id)
+    trainer.fit(tf.data.Dataset.from_tensors(batch).repeat(), steps_per_epoch=25, epochs=1, verbose=0)
+    after = float(trainer.compute_losses(x_id, y_id, fixed_aux, training=False)["loss"])
+    assert np.isfinite(after)
+    assert after < 0.8 * before, (method, before, after)
+
+
+def test_greg_plus_step_selects_twice_the_batch_from_the_pool():
+    xa, _ = digits_arrays([5, 6, 7])
+    trainer = OODTrainer(_classifier(), method_config("greg_plus", cluster_k=8, pool_factor=4))
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01))
+    idx = trainer.select_outliers(tf.constant(xa[:64], tf.float32), 16).numpy()
+    assert idx.shape == (32,) and len(set(idx.tolist())) == 32 and idx.min() >= 0 and idx.max() < 64
+
+
+def _event_tags(log_dir: str) -> set[str]:
+    tags = set()
+    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.add(value.tag)
+    return tags
+
+
+def test_run_trains_evaluates_and_logs_the_named_tags(digit_sets, tmp_path):
+    model_dir = str(tmp_path / "run")
+    results = run_lib.run_training(_config(digit_sets, model_dir, method="greg_plus",
+                                           method_overrides={"cluster_k": 8, "pool_factor": 3}))
+    ood = results["ood"]["ood"]
+    assert 0.0 <= ood["fpr95"] <= 1.0 and 0.0 <= ood["auroc"] <= 1.0
+    for name in ("best.keras", "last.keras", "config.json", "results.json", "ckpt/latest"):
+        assert os.path.exists(os.path.join(model_dir, name)), name
+    tags = _event_tags(os.path.join(model_dir, "logs"))
+    expected = {"loss", "ce_loss", "energy_loss", "grad_penalty", "accuracy", "energy_id", "energy_aux",
+                "grad_keep_id", "grad_keep_aux", "lr", "energy/id", "energy/aux", "score_grad_norm",
+                "sampler/chosen_outliers", "_hparams_/session_start_info"}
+    assert expected <= tags, expected - tags
+
+
+def test_finished_run_is_not_retrained(digit_sets, tmp_path):
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1)
+    run_lib.run_training(cfg)
+    mtime = os.path.getmtime(os.path.join(cfg.model_dir, "last.keras"))
+    run_lib.run_training(cfg)
+    assert os.path.getmtime(os.path.join(cfg.model_dir, "last.keras")) == mtime
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(sio_ratio=0.8), "--syn_data"),
+    (dict(sio_ratio=1.5, syn_data="x"), "--sio_ratio"),
+    (dict(aux_data=None), "--aux_data"),
+    (dict(arch="resnet9000"), "--arch"),
+    (dict(method="nope"), "--method"),
+    (dict(method_overrides={"m_in": -5.0, "m_out": -7.0}), "--m_in"),
+    (dict(schedule="multistep"), "--lr_milestones"),
+])
+def test_invalid_combinations_stop_before_any_work(digit_sets, tmp_path, change, message):
+    cfg = _config(digit_sets, str(tmp_path / "run"), **change)
+    with pytest.raises(ConfigError, match=message.replace("-", r"\-")):
+        run_lib.run_training(cfg)
+    assert not os.path.exists(cfg.model_dir)
+
+
+def test_resumed_run_must_keep_its_settings(digit_sets, tmp_path):
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1)
+    run_lib.run_training(cfg)
+    cfg.lr = 0.5
+    with pytest.raises(ConfigError, match="other settings"):
+        run_lib.run_training(cfg)
+
+
+def test_init_checkpoint_must_match_the_architecture(digit_sets, tmp_path):
+    other = build_classifier("small_cnn", input_shape=(8, 8, 1), num_classes=7, mean=[60.0], std=[80.0])
+    path = str(tmp_path / "other.keras")
+    other.save(path)
+    with pytest.raises(ConfigError, match="init_checkpoint"):
+        run_lib.run_training(_config(digit_sets, str(tmp_path / "run"), init_checkpoint=path))
+
+
+def test_init_checkpoint_loads_every_weight(digit_sets, tmp_path):
+    source = _classifier()
+    path = str(tmp_path / "ce.keras")
+    source.save(path)
+    cfg = _config(digit_sets, str(tmp_path / "run"), init_checkpoint=path)
+    model = run_lib._build_classifier(cfg, run_lib.read_manifest(cfg.id_data))
+    for a, b in zip(model.get_weights(), source.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(digit_sets, tmp_path, monkeypatch):
+    original = OODTrainer.compute_losses
+
+    def poisoned(self, *args, **kwargs):
+        terms = original(self, *args, **kwargs)
+        # Epoch 1 (steps 0-2) is healthy; the loss turns NaN in epoch 2.
+        bad = self.optimizer.iterations >= 4
+        terms["loss"] = tf.where(bad, float("nan"), terms["loss"])
+        return terms
+
+    monkeypatch.setattr(OODTrainer, "compute_losses", poisoned)
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=3)
+    with pytest.raises(FloatingPointError, match="epoch 2.*epoch 1"):
+        run_lib.run_training(cfg)
+    latest = open(os.path.join(cfg.model_dir, "ckpt", "latest")).read().strip()
+    assert latest == "epoch-00001"
+
+
+def _train_cmd(dirs, model_dir):
+    return [sys.executable, "-m", "kood.train", f"--id_data={dirs['id']}", f"--aux_data={dirs['aux']}",
+            "--method=greg", "--epochs=4", "--steps_per_epoch=6", "--batch_size=16", "--lr=0.05",
+            "--deterministic", "--verbose=0", f"--model_dir={model_dir}"]
+
+
+def _weights(model_dir):
+    return keras.models.load_model(os.path.join(model_dir, "last.keras")).get_weights()
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(digit_sets, tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    subprocess.run(_train_cmd(digit_sets, straight), check=True, cwd=REPO, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(digit_sets, killed), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = os.path.join(killed, "ckpt", "latest")
+    deadline = time.time() + 120
+    while not os.path.exists(pointer) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = open(pointer).read().strip()
+    assert done != "epoch-00004", "the run finished before it could be killed; make it longer"
+
+    resumed = subprocess.run(_train_cmd(digit_sets, killed), cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resuming" in resumed.stderr
+    for a, b in zip(_weights(straight), _weights(killed)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_every_flagfile_parses_into_a_valid_config():
+    from absl import flags
+
+    from kood import train
+
+    files = sorted(glob.glob(os.path.join(REPO, "flags", "*.cfg")))
+    assert len(files) >= 40
+    cwd = os.getcwd()
+    os.chdir(REPO)  # nested --flagfile paths are relative to the repo root
+    try:
+        for path in files:
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(["kood.train", f"--flagfile={path}"])
+            if flags.FLAGS.id_data is None:  # demo presets: no data flags
+                method_config(flags.FLAGS.method)
+                continue
+            cfg = train.config_from_flags()
+            run_lib.validate(cfg)
+            assert cfg.model_dir.startswith("kood_runs/"), path
+    finally:
+        os.chdir(cwd)
+        flags.FLAGS.unparse_flags()
