@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Real-data comparison table (docs/bench_grayscale28.md): ID = MNIST (8000 train / 2000 test),
+# auxiliary outliers = KMNIST (10000), held-out OOD = Fashion-MNIST (900), synthetic ID = a GMM
+# generator (data_prep.synthesize) fit on the MNIST train split. small_cnn, 3 seeds.
+# --noaugment: the default random crop + horizontal flip would mirror digits (a flipped digit is
+# not an MNIST digit, and the energy loss would pull such images to low energy).
+#
+#   bash bench/grayscale28.sh [WORK_DIR] [extra kood.bench flags...]
+#
+# Needs ../shared/data/grayscale28.npz (or GRAYSCALE28=path). Data sets are built once
+# into WORK_DIR/data; the bench output goes to WORK_DIR/bench (resumable: rerun to continue).
+set -euo pipefail
+NPZ=${GRAYSCALE28:-$(dirname "$0")/../../shared/data/grayscale28.npz}
+WORK=${1:-/tmp/kood_grayscale28}
+shift || true
+DATA=$WORK/data
+mkdir -p "$DATA"
+[ -f "$NPZ" ] || { echo "error: $NPZ not found (set GRAYSCALE28=path/to/grayscale28.npz)" >&2; exit 1; }
+
+# MNIST test set (10000) split by index: first 8000 = train, last 2000 = test.
+# Rows are in the official file order, which is not sorted by class.
+if [ ! -f "$DATA/mnist_split.npz" ]; then
+  python - "$NPZ" "$DATA/mnist_split.npz" <<'PY'
+import os, sys
+import numpy as np
+src, out = sys.argv[1], sys.argv[2]
+d = np.load(src)
+x, y = d["mnist_test_x"], d["mnist_test_y"].astype(np.int64)
+np.savez(out + ".tmp.npz", x_train=x[:8000], y_train=y[:8000], x_test=x[8000:], y_test=y[8000:])
+os.replace(out + ".tmp.npz", out)
+PY
+fi
+
+[ -f "$DATA/mnist/manifest.json" ] || python -m data_prep.real --source="npz:$DATA/mnist_split.npz" \
+  --out="$DATA/mnist" --encoding=raw
+[ -f "$DATA/kmnist/manifest.json" ] || python -m data_prep.outliers --source="npz:$NPZ" \
+  --images_key=kmnist_test_x --out="$DATA/kmnist" --kind=outlier --split=train --encoding=raw
+[ -f "$DATA/fashion/manifest.json" ] || python -m data_prep.real --source="npz:$NPZ" \
+  --images_key=fashion900_x --out="$DATA/fashion" --kind=ood --split=test --encoding=raw
+[ -f "$DATA/mnist_syn/manifest.json" ] || python -m data_prep.synthesize --real="$DATA/mnist" \
+  --out="$DATA/mnist_syn" --num_images=8000 --seed=0
+
+python -m kood.bench \
+  --id_data="$DATA/mnist" --aux_data="$DATA/kmnist" --syn_data="$DATA/mnist_syn" \
+  --ood="fashion=$DATA/fashion" \
+  --methods=ce,energy,greg,greg_plus,greg+sio --seeds=3 --arch=small_cnn \
+  --pretrain_epochs=8 --finetune_epochs=5 --batch_size=64 --lr=0.05 --finetune_lr=0.01 --noaugment \
+  --detectors=msp,max_logit,mahalanobis,knn \
+  --output="$WORK/bench" "$@"

@@ -1,0 +1,834 @@
+r"""Paper-style comparison of OOD training methods on any kood data: `python -m kood.bench`.
+
+One CE model is pretrained per seed (or `--init_checkpoint` is used), every listed method is
+fine-tuned from it with the same budget, and each model is scored with its training score
+(energy) on every OOD set vs the ID test split. Outputs under `--output`:
+
+- `pretrain/seed-S/`, `runs/METHOD/seed-S/`: the `kood.run` model dirs; each cell also holds
+  `bench_result.json` (written last, atomically: its presence marks a finished cell) and
+  `scores.npz` (the energies behind the plots);
+- `results.json` (every number per (method, seed), the mean/std table, settings, machine),
+  `results.md` (the table), `plots/energy_hist.png`, `plots/roc.png`;
+- `plan.json`: the epochs used (scaled down by `--budget_minutes`), so a rerun resumes the same plan.
+
+Method names: any `kood.methods.METHODS` preset; `NAME+sio` = that method with SIO
+(`--sio_ratio` real fraction per batch, `--syn_data` images); `ce` = the pretrained CE model
+itself scored with the energy score ("ce+energy-score") and with each `--detectors` detector.
+
+`--speed` instead measures the training step time per method and the input-pipeline throughput,
+as ratios to plain CE on the same model in the same process (repetitions interleaved so machine
+noise hits every method alike), and writes `speed.md` / `speed.json`.
+
+Example:
+    python -m kood.bench --id_data=data/mnist --aux_data=data/kmnist --ood=fashion=data/fashion \
+        --methods=ce,energy,greg,greg_plus --seeds=3 --pretrain_epochs=10 --finetune_epochs=5 \
+        --output=bench_out
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+from kood import data, run  # noqa: E402
+from kood.detectors.energy import energy_score  # noqa: E402
+from kood.errors import ConfigError, DataError  # noqa: E402
+from kood.evaluate import evaluate, parse_detectors, parse_ood  # noqa: E402
+from kood.manifest import read_manifest  # noqa: E402
+from kood.methods import METHODS, method_config  # noqa: E402
+from kood.models import build_classifier, load_classifier  # noqa: E402
+from kood.progress import Progress  # noqa: E402
+from kood.run import RunConfig  # noqa: E402
+
+SIO_SUFFIX = "+sio"
+CE_ROW = "ce+energy-score"
+RESULT_FILE = "bench_result.json"
+CELL_OVERHEAD_SECONDS = 20.0  # budget estimate per cell: process-side model build, compile, evaluation
+AUX_STATS_LIMIT = 2000  # auxiliary images scored for the energy statistics of each cell
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """Settings of one comparison; `python -m kood.bench --help` documents each as a flag.
+
+    Args:
+        id_data: ID kood dataset dir (splits train and test).
+        aux_data: auxiliary outlier dataset dir (energy / GReg / GReg+ training).
+        ood: `{name: dataset dir}` held-out OOD sets.
+        output: output directory.
+        methods: method names (see module docstring); `ce` = the pretrained baseline.
+        seeds: number of seeds (0 .. seeds-1).
+        syn_data: synthetic ID dataset dir, needed by `+sio` methods.
+        sio_ratio: real fraction of each batch in `+sio` methods.
+        arch, arch_kwargs: model (kood.models).
+        pretrain_epochs, finetune_epochs: requested epochs (budget scaling may lower them).
+        init_checkpoint: use this classifier instead of pretraining (same for every seed).
+        detectors: post-hoc detectors applied to the CE baseline (`ce` must be in methods).
+        budget_minutes: scale epochs down so the whole bench fits (None = no scaling).
+        batch_size, lr, finetune_lr, optimizer, weight_decay, augment, steps_per_epoch: RunConfig knobs
+            (lr for pretraining, finetune_lr for fine-tuning).
+        method_flags: `{method name or "*": {hyperparameter: value}}` MethodConfig overrides; `*`
+            applies to every fine-tuned method, a base name (greg) also to its `+sio` variant.
+        verbose: Keras progress output of the training runs.
+
+    Example:
+        BenchConfig(id_data="data/mnist", aux_data="data/kmnist", ood={"fashion": "data/fashion"},
+                    output="out", methods=["ce", "energy", "greg"], seeds=1)
+    """
+
+    id_data: str
+    aux_data: str | None
+    ood: dict
+    output: str
+    methods: list = dataclasses.field(default_factory=lambda: ["ce", "energy", "greg", "greg_plus"])
+    seeds: int = 3
+    syn_data: str | None = None
+    sio_ratio: float = 0.8
+    arch: str = "small_cnn"
+    arch_kwargs: dict = dataclasses.field(default_factory=dict)
+    pretrain_epochs: int = 10
+    finetune_epochs: int = 5
+    init_checkpoint: str | None = None
+    detectors: list = dataclasses.field(default_factory=list)
+    budget_minutes: float | None = None
+    batch_size: int = 64
+    lr: float = 0.1
+    finetune_lr: float = 0.01
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    augment: bool = True
+    steps_per_epoch: int = 0
+    method_flags: dict = dataclasses.field(default_factory=dict)
+    verbose: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Flag parsing and validation
+
+
+def split_method(name: str) -> tuple[str, bool]:
+    """`"greg+sio"` -> `("greg", True)`; `"energy"` -> `("energy", False)`."""
+    if name.endswith(SIO_SUFFIX):
+        return name[: -len(SIO_SUFFIX)], True
+    return name, False
+
+
+def _literal(text: str):
+    """`"0.1"` -> 0.1, `"True"` -> True, anything else stays a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_key_values(spec: str, flag: str) -> dict:
+    """`"a=1,b=x"` -> `{"a": 1, "b": "x"}` (values as Python literals, else strings)."""
+    out = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--{flag}: expected key=value items. Received: {item!r} in {spec!r}")
+        out[key.strip()] = _literal(value.strip())
+    return out
+
+
+def parse_method_flags(spec: str) -> dict[str, dict]:
+    """`"greg:grad_weight=0.1,m_in=-12;*:m_out=-5"` -> `{"greg": {...}, "*": {"m_out": -5}}`.
+
+    Example:
+        parse_method_flags("*:m_in=-12,m_out=-4")
+    """
+    out: dict[str, dict] = {}
+    for part in (spec or "").split(";"):
+        if not part.strip():
+            continue
+        method, sep, kv = part.partition(":")
+        if not sep or not method.strip():
+            raise ConfigError(f"--method_flags must be METHOD:key=value[,key=value][;METHOD:...] (METHOD may be *). "
+                              f"Received: {part!r}")
+        out.setdefault(method.strip(), {}).update(parse_key_values(kv, "method_flags"))
+    return out
+
+
+def method_overrides(cfg: BenchConfig, name: str) -> dict:
+    """MethodConfig overrides of a listed method: `*`, then its base name, then its full name."""
+    base, _ = split_method(name)
+    merged = {}
+    for key in ("*", base, name):
+        merged.update(cfg.method_flags.get(key, {}))
+    return merged
+
+
+def validate(cfg: BenchConfig) -> None:
+    """Checks every setting (and that every data dir holds a dataset) before any work.
+
+    Raises:
+        ConfigError / DataError naming the flag or directory.
+    """
+    if not cfg.methods:
+        raise ConfigError(f"--methods needs at least one method. Received: methods={cfg.methods!r}")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise ConfigError(f"--methods lists a method twice. Received: methods={cfg.methods!r}")
+    for name in cfg.methods:
+        base, sio = split_method(name)
+        if name != "ce" and base not in METHODS:
+            raise ConfigError(f"--methods: unknown method {name!r}. Known: ce (the pretrained baseline), "
+                              f"{sorted(METHODS)}, each optionally with the suffix {SIO_SUFFIX}. "
+                              f"Received: methods={cfg.methods!r}")
+        if sio and not cfg.syn_data:
+            raise ConfigError(f"--methods: {name!r} trains with synthetic ID images: it needs --syn_data=DIR")
+    stray = [k for k in cfg.method_flags if k != "*" and k not in cfg.methods
+             and k not in {split_method(m)[0] for m in cfg.methods}]
+    if stray:
+        raise ConfigError(f"--method_flags names methods not in --methods: {stray}. Received: methods={cfg.methods}")
+    for name, value in (("seeds", cfg.seeds), ("pretrain_epochs", cfg.pretrain_epochs),
+                        ("finetune_epochs", cfg.finetune_epochs)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--{name} must be an integer >= 1. Received: {name}={value!r}")
+    if cfg.budget_minutes is not None and cfg.budget_minutes <= 0:
+        raise ConfigError(f"--budget_minutes must be > 0. Received: budget_minutes={cfg.budget_minutes}")
+    if cfg.finetune_lr <= 0:
+        raise ConfigError(f"--finetune_lr must be > 0. Received: finetune_lr={cfg.finetune_lr}")
+    if not cfg.ood:
+        raise ConfigError("--ood needs at least one held-out OOD set: name=DIR[,name=DIR]. Received: ood={}")
+    if cfg.detectors:
+        parse_detectors(",".join(cfg.detectors))
+        if "ce" not in cfg.methods:
+            raise ConfigError(f"--detectors={','.join(cfg.detectors)} are applied to the CE baseline: "
+                              f"add ce to --methods. Received: methods={cfg.methods}")
+    if not cfg.output:
+        raise ConfigError("--output is required (the bench directory)")
+    read_manifest(cfg.id_data)
+    for flag, directory in (("aux_data", cfg.aux_data), ("syn_data", cfg.syn_data)):
+        if directory:
+            read_manifest(directory)
+    for name, directory in cfg.ood.items():
+        try:
+            read_manifest(directory)
+        except DataError as e:
+            raise DataError(f"--ood set {name!r}: {e}") from e
+    if cfg.init_checkpoint and not os.path.exists(cfg.init_checkpoint):
+        raise DataError(f"--init_checkpoint={cfg.init_checkpoint} does not exist")
+    for name in cfg.methods:  # RunConfig-level checks (aux data present, sio ratio, lr, ...)
+        run.validate(run_config(cfg, name, 0, cfg.finetune_epochs, "/nonexistent"))
+    run.validate(pretrain_config(cfg, 0, cfg.pretrain_epochs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Run configs of the cells
+
+
+def _common(cfg: BenchConfig) -> dict:
+    return dict(id_data=cfg.id_data, arch=cfg.arch, arch_kwargs=dict(cfg.arch_kwargs), optimizer=cfg.optimizer,
+                weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, augment=cfg.augment,
+                steps_per_epoch=cfg.steps_per_epoch, val_split="none", verbose=cfg.verbose)
+
+
+def pretrain_dir(cfg: BenchConfig, seed: int) -> str:
+    return os.path.join(cfg.output, "pretrain", f"seed-{seed}")
+
+
+def cell_dir(cfg: BenchConfig, name: str, seed: int) -> str:
+    return os.path.join(cfg.output, "runs", name, f"seed-{seed}")
+
+
+def pretrain_config(cfg: BenchConfig, seed: int, epochs: int) -> RunConfig:
+    """The CE pretraining run of one seed (val_split none: the test split never picks a checkpoint)."""
+    return RunConfig(model_dir=pretrain_dir(cfg, seed), method="ce", lr=cfg.lr, epochs=epochs, seed=seed,
+                     **_common(cfg))
+
+
+def run_config(cfg: BenchConfig, name: str, seed: int, epochs: int, init: str) -> RunConfig:
+    """The fine-tuning run of method `name` (e.g. `greg+sio`) from the classifier `init`."""
+    base, sio = split_method(name)
+    return RunConfig(model_dir=cell_dir(cfg, name, seed), method=base, method_overrides=method_overrides(cfg, name),
+                     aux_data=cfg.aux_data if method_config(base, **method_overrides(cfg, name)).uses_aux else None,
+                     syn_data=cfg.syn_data if sio else None, sio_ratio=cfg.sio_ratio if sio else 1.0,
+                     lr=cfg.finetune_lr, epochs=epochs, seed=seed, init_checkpoint=init, **_common(cfg))
+
+
+def _steps_per_epoch(cfg: BenchConfig, name: str) -> int:
+    _, sio = split_method(name)
+    real = int(cfg.batch_size * (cfg.sio_ratio if sio else 1.0))
+    return cfg.steps_per_epoch or max(1, read_manifest(cfg.id_data).count("train") // max(1, real))
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed: step time and pipeline throughput per method, as ratios to CE
+
+
+def _train_pipeline(cfg: BenchConfig, name: str, trainer, seed: int = 0):
+    """The input pipeline a run of `name` trains on (as kood.run builds it)."""
+    _, sio = split_method(name)
+    id_ds, _ = data.train_dataset(cfg.id_data, batch_size=cfg.batch_size, augment=cfg.augment, seed=seed,
+                                  syn_directory=cfg.syn_data if sio else None,
+                                  sio_ratio=cfg.sio_ratio if sio else 1.0)
+    if not trainer.config.uses_aux:
+        return id_ds
+    aux = data.outlier_stream(cfg.aux_data, batch_size=trainer.aux_batch_size(cfg.batch_size), augment=cfg.augment,
+                              seed=seed, image_shape=read_manifest(cfg.id_data).shape)
+    return tf.data.Dataset.zip((id_ds, aux))
+
+
+def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: int = 5) -> dict:
+    """Step time and input-pipeline throughput of each method, and their ratios to plain CE.
+
+    Every method gets its own model and trainer in this process. The step time is measured on
+    one fixed in-memory batch (compute only); the pipeline on its real `tf.data` input alone.
+    Repetitions are interleaved (the order rotates) and each ratio is the median over repetitions
+    of (method time / CE time in the same repetition), so load from other processes cancels out.
+
+    Args:
+        cfg: the bench settings (data, arch, batch size, method flags).
+        methods: method names; `ce` is added as the reference.
+        steps: train steps (and pipeline batches) per timing.
+        reps: repetitions.
+
+    Returns:
+        `{"methods": {name: {"step_seconds", "step_ratio", "pipeline_batches_per_second",
+        "pipeline_images_per_second", "pipeline_ratio"}}, "steps", "reps", "batch_size", "arch"}`.
+
+    Example:
+        measure_speed(cfg, ["energy", "greg", "greg_plus"], steps=10, reps=3)
+    """
+    import keras
+
+    from kood.trainer import OODTrainer
+
+    if steps < 1 or reps < 1:
+        raise ConfigError(f"speed measurement needs steps >= 1 and reps >= 1. Received: steps={steps}, reps={reps}")
+    names = ["ce"] + [m for m in methods if m != "ce"]
+    manifest = read_manifest(cfg.id_data)
+    trainers, fixed, pipes, images_per_batch = {}, {}, {}, {}
+    for name in names:
+        base, _ = split_method(name)
+        keras.utils.set_random_seed(0)
+        model = build_classifier(cfg.arch, input_shape=manifest.shape, num_classes=manifest.num_classes,
+                                 mean=manifest.mean, std=manifest.std, **cfg.arch_kwargs)
+        trainer = OODTrainer(model, method_config(base, **method_overrides(cfg, name)), seed=0)
+        trainer.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9))
+        pipes[name] = iter(_train_pipeline(cfg, name, trainer))
+        batch = next(pipes[name])
+        images_per_batch[name] = sum(int(t.shape[0]) for t in tf.nest.flatten(batch) if t.shape.rank == 4)
+        fixed[name] = tf.data.Dataset.from_tensors(batch).repeat()
+        trainer.fit(fixed[name], epochs=1, steps_per_epoch=2, verbose=0)  # trace + compile
+        trainers[name] = trainer
+    step_times = {n: [] for n in names}
+    pipe_times = {n: [] for n in names}
+    with Progress("speed", total=reps * len(names), unit="timing") as bar:
+        for rep in range(reps):
+            order = names[rep % len(names):] + names[: rep % len(names)]
+            for name in order:
+                start = time.perf_counter()
+                trainers[name].fit(fixed[name], epochs=1, steps_per_epoch=steps, verbose=0)
+                step_times[name].append((time.perf_counter() - start) / steps)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    next(pipes[name])
+                pipe_times[name].append((time.perf_counter() - start) / steps)
+                bar.update(1)
+    out = {}
+    for name in names:
+        out[name] = {
+            "step_seconds": float(np.median(step_times[name])),
+            "step_ratio": float(np.median(np.array(step_times[name]) / np.array(step_times["ce"]))),
+            "pipeline_batches_per_second": float(1.0 / np.median(pipe_times[name])),
+            "pipeline_images_per_second": float(images_per_batch[name] / np.median(pipe_times[name])),
+            "pipeline_ratio": float(np.median(np.array(pipe_times[name]) / np.array(pipe_times["ce"]))),
+            "images_per_batch": images_per_batch[name],
+        }
+    return {"methods": out, "steps": steps, "reps": reps, "batch_size": cfg.batch_size, "arch": cfg.arch,
+            "machine": machine()}
+
+
+def speed_markdown(speed: dict) -> str:
+    lines = [f"# kood.bench --speed ({speed['arch']}, batch {speed['batch_size']}, {speed['steps']} steps x "
+             f"{speed['reps']} interleaved repetitions)", "",
+             f"Machine: {speed['machine']}", "",
+             "Step time: one train step on a fixed in-memory batch (compute only). Pipeline: the method's tf.data "
+             "input alone (images per batch include auxiliary / candidate-pool images). Ratios: median over "
+             "repetitions of method / CE in the same repetition (> 1 = slower than CE).", "",
+             "| method | step (ms) | step / CE | pipeline batches/s | pipeline images/s | pipeline time / CE |",
+             "|---|---|---|---|---|---|"]
+    for name, m in speed["methods"].items():
+        lines.append(f"| {name} | {m['step_seconds'] * 1000:.1f} | {m['step_ratio']:.2f} | "
+                     f"{m['pipeline_batches_per_second']:.1f} | {m['pipeline_images_per_second']:.0f} | "
+                     f"{m['pipeline_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_speed(cfg: BenchConfig, steps: int = 20, reps: int = 5) -> dict:
+    """`--speed`: measures and writes OUTPUT/speed.json and speed.md."""
+    validate(cfg)
+    speed = measure_speed(cfg, cfg.methods, steps, reps)
+    os.makedirs(cfg.output, exist_ok=True)
+    _atomic_write(os.path.join(cfg.output, "speed.md"), speed_markdown(speed))
+    _atomic_write(os.path.join(cfg.output, "speed.json"), json.dumps(speed, indent=2) + "\n")
+    return speed
+
+
+# ----------------------------------------------------------------------------------------------
+# Budget plan
+
+
+def make_plan(cfg: BenchConfig) -> dict:
+    """Epochs to use: the requested ones, or scaled down (never up) to fit `budget_minutes`.
+
+    The estimate is seeds x (pretrain steps x CE step time + fine-tune steps x each method's step
+    time) with step time = compute + input-pipeline time per batch from `measure_speed` (a few
+    steps), plus CELL_OVERHEAD_SECONDS per cell. Both epoch counts are scaled by the same factor.
+    """
+    plan = {"budget_minutes": cfg.budget_minutes,
+            "pretrain_epochs": {"requested": cfg.pretrain_epochs, "used": cfg.pretrain_epochs},
+            "finetune_epochs": {"requested": cfg.finetune_epochs, "used": cfg.finetune_epochs}}
+    if cfg.budget_minutes is None:
+        return plan
+    trained = [m for m in cfg.methods if m != "ce"]
+    print("budget: timing a few steps per method ...", file=sys.stderr)
+    speed = measure_speed(cfg, trained, steps=5, reps=2)["methods"]
+
+    def seconds(name):
+        m = speed[name]
+        return m["step_seconds"] + 1.0 / m["pipeline_batches_per_second"]
+
+    pre = 0.0 if cfg.init_checkpoint else cfg.pretrain_epochs * _steps_per_epoch(cfg, "ce") * seconds("ce")
+    fine = sum(cfg.finetune_epochs * _steps_per_epoch(cfg, m) * seconds(m) for m in trained)
+    cells = len(cfg.methods) + (0 if cfg.init_checkpoint else 1)
+    overhead = cfg.seeds * cells * CELL_OVERHEAD_SECONDS
+    train = cfg.seeds * (pre + fine)
+    budget = cfg.budget_minutes * 60.0
+    factor = min(1.0, max(0.0, budget - overhead) / train) if train > 0 else 1.0
+    for key in ("pretrain_epochs", "finetune_epochs"):
+        plan[key]["used"] = max(1, int(plan[key]["requested"] * factor))
+    plan.update(estimate_seconds=round(train + overhead, 1), scale=round(factor, 4),
+                step_seconds={m: round(seconds(m), 5) for m in speed})
+    return plan
+
+
+def _load_or_make_plan(cfg: BenchConfig) -> dict:
+    path = os.path.join(cfg.output, "plan.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            plan = json.load(f)
+        same = (plan["budget_minutes"] == cfg.budget_minutes
+                and plan["pretrain_epochs"]["requested"] == cfg.pretrain_epochs
+                and plan["finetune_epochs"]["requested"] == cfg.finetune_epochs)
+        if not same:
+            raise ConfigError(f"--output={cfg.output} holds a bench planned with other epochs/budget ({path}: "
+                              f"{plan}); use a new --output or the same --pretrain_epochs/--finetune_epochs/"
+                              "--budget_minutes")
+        return plan
+    plan = make_plan(cfg)
+    os.makedirs(cfg.output, exist_ok=True)
+    _atomic_write(path, json.dumps(plan, indent=2) + "\n")
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------
+# Cells
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _signature(rc: RunConfig, extra: dict | None = None) -> dict:
+    sig = {k: v for k, v in dataclasses.asdict(rc).items() if k not in ("verbose", "log_every", "ood_data")}
+    sig["lr_milestones"] = list(sig["lr_milestones"])
+    return json.loads(json.dumps({**sig, **(extra or {})}))
+
+
+def _finished(directory: str, signature: dict) -> dict | None:
+    """The cell's result if it finished with these settings; ConfigError if it finished with others."""
+    path = os.path.join(directory, RESULT_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    if result.get("settings") != signature:
+        old = result.get("settings") or {}
+        diff = {k: (old.get(k), v) for k, v in signature.items() if old.get(k) != v}
+        raise ConfigError(f"{path} is a finished cell with other settings (saved vs now: {diff}); "
+                          "use a new --output to run a different bench")
+    return result
+
+
+def _energy_stats(model, cfg: BenchConfig, mcfg, s_id: np.ndarray, s_ood: dict) -> dict:
+    """Energy ranges of ID test / auxiliary / OOD images and where they fall w.r.t. the margins."""
+    pct = lambda s: {f"p{q}": float(np.percentile(s, q)) for q in (5, 50, 95)}  # noqa: E731
+    stats = {"m_in": mcfg.m_in, "m_out": mcfg.m_out, "id": pct(s_id),
+             "id_below_m_in": float(np.mean(s_id < mcfg.m_in)),
+             "ood": {k: {**pct(v), "above_m_out": float(np.mean(v > mcfg.m_out))} for k, v in s_ood.items()}}
+    if cfg.aux_data:
+        aux_split = next(iter(read_manifest(cfg.aux_data).splits))
+        s_aux = np.concatenate([
+            energy_score(model(x, training=False).numpy(), mcfg.temperature)
+            for x, _ in data.eval_dataset(cfg.aux_data, aux_split, batch_size=256, limit=AUX_STATS_LIMIT)])
+        stats["aux"] = {**pct(s_aux), "above_m_out": float(np.mean(s_aux > mcfg.m_out))}
+    return stats
+
+
+def _train_log(model_dir: str) -> dict:
+    """Last-epoch training means (mask fractions, energies, losses) from the run's TensorBoard log."""
+    log_dir = os.path.join(model_dir, "logs", "epoch")
+    if not os.path.isdir(log_dir):
+        return {}
+    last: dict[str, tuple[int, float]] = {}
+    for file in sorted(os.listdir(log_dir)):
+        for record in tf.data.TFRecordDataset(os.path.join(log_dir, file)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                number = tf.make_ndarray(value.tensor) if value.HasField("tensor") else value.simple_value
+                if np.ndim(number) != 0:  # images / histograms
+                    continue
+                if value.tag not in last or event.step >= last[value.tag][0]:
+                    last[value.tag] = (event.step, float(number))
+    return {tag: v for tag, (_, v) in sorted(last.items())}
+
+
+def _evaluate_cell(cfg: BenchConfig, model_file: str, mcfg, detectors: list[str]) -> tuple[dict, dict]:
+    model = load_classifier(model_file)
+    results = evaluate(model, cfg.id_data, cfg.ood, ["energy"] + [d for d in detectors if d != "energy"],
+                       detector_params={"energy": {"temperature": mcfg.temperature}}, keep_scores=True)
+    scores = results["detectors"]["energy"]
+    s = results["scores"]["energy"]
+    out = {"id_accuracy": results["id_accuracy"], "ood": scores["sets"], "average": scores["average"],
+           "convention": results["convention_note"],
+           "energy_stats": _energy_stats(model, cfg, mcfg, s["id"], {k: v for k, v in s.items() if k != "id"})}
+    if len(detectors) > 0:
+        out["detectors"] = {d: {"ood": results["detectors"][d]["sets"], "average": results["detectors"][d]["average"],
+                                "hyperparams": results["detectors"][d]["hyperparams"]} for d in detectors}
+    return out, s
+
+
+def _run_cell(cfg: BenchConfig, rc: RunConfig | None, directory: str, name: str, seed: int, signature: dict,
+              model_file: str, detectors: list[str], train_seconds: float | None) -> dict:
+    """Trains (rc given) and evaluates one cell, then writes scores.npz and bench_result.json."""
+    if rc is not None:
+        start = time.time()
+        run.run_training(rc)
+        train_seconds = time.time() - start
+    base, _ = split_method(name)
+    mcfg = method_config("ce" if name == "ce" else base, **({} if name == "ce" else method_overrides(cfg, name)))
+    result, scores = _evaluate_cell(cfg, model_file, mcfg, detectors)
+    result.update(method=name, seed=seed, train_seconds=train_seconds,
+                  epochs=rc.epochs if rc else None, train_log=_train_log(directory) if rc else {},
+                  settings=signature)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, "scores.tmp.npz")
+    np.savez(tmp, **{f"energy/{k}": v for k, v in scores.items()})
+    os.replace(tmp, os.path.join(directory, "scores.npz"))
+    _atomic_write(os.path.join(directory, RESULT_FILE), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _pretrain(cfg: BenchConfig, seed: int, epochs: int, label: str) -> tuple[str, float | None]:
+    """Pretrains seed `seed` (or finds it done); returns (classifier file, train seconds)."""
+    if cfg.init_checkpoint:
+        return cfg.init_checkpoint, None
+    rc = pretrain_config(cfg, seed, epochs)
+    marker = os.path.join(rc.model_dir, "pretrain_done.json")
+    sig = _signature(rc)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            done = json.load(f)
+        if done["settings"] == sig:
+            print(f"{label} ce pretrain seed {seed}: finished earlier, skipped", file=sys.stderr)
+            return os.path.join(rc.model_dir, "last.keras"), done["train_seconds"]
+    print(f"{label} ce pretrain seed {seed}: training {epochs} epochs ...", file=sys.stderr, flush=True)
+    start = time.time()
+    run.run_training(rc)
+    seconds = time.time() - start
+    _atomic_write(marker, json.dumps({"settings": sig, "train_seconds": seconds}) + "\n")
+    print(f"{label} ce pretrain seed {seed}: done in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return os.path.join(rc.model_dir, "last.keras"), seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation and reports
+
+
+def mean_std(values) -> dict:
+    """`{"mean", "std", "n"}`; std is the sample standard deviation (ddof=1), 0 for one value."""
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if v.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+def summarize(cells: list[dict], ood_names: list[str]) -> dict[str, dict]:
+    """Mean/std over seeds per table row: `{row: {"fpr95/NAME", "auroc/NAME", "fpr95/average", ...}}`.
+
+    A `ce` cell gives the row `ce+energy-score` and one row `ce+DETECTOR` per detector.
+    """
+    rows: dict[str, list[dict]] = {}
+    for cell in cells:
+        variants = [(CE_ROW if cell["method"] == "ce" else cell["method"], cell)]
+        for det, r in (cell.get("detectors") or {}).items():
+            if det != "energy":
+                variants.append((f"ce+{det}", {**cell, "ood": r["ood"], "average": r["average"]}))
+        for row, c in variants:
+            flat = {"id_accuracy": c["id_accuracy"], "train_seconds": c["train_seconds"]}
+            for set_name in ood_names + ["average"]:
+                m = c["average"] if set_name == "average" else c["ood"][set_name]
+                for metric in ("fpr95", "auroc"):
+                    flat[f"{metric}/{set_name}"] = m[metric]
+            rows.setdefault(row, []).append(flat)
+    return {row: {key: mean_std([r[key] for r in rs]) for key in rs[0]} for row, rs in rows.items()}
+
+
+def _pm(stat: dict, scale: float = 100.0, digits: int = 2) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def machine() -> str:
+    gpus = tf.config.list_physical_devices("GPU")
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
+            f"{'%d GPU(s)' % len(gpus) if gpus else 'no GPU'}, TensorFlow {tf.__version__}, Python "
+            f"{platform.python_version()}")
+
+
+def markdown(report: dict) -> str:
+    """The results table (percentages, mean ± std over seeds) with its conventions and notes."""
+    ood_names = list(report["settings"]["ood"])
+    plan = report["plan"]
+    head = ["method"] + [f"{n} FPR95 ↓ | {n} AUROC ↑" for n in ood_names]
+    if len(ood_names) > 1:
+        head.append("avg FPR95 ↓ | avg AUROC ↑")
+    head += ["ID acc ↑", "train s"]
+    lines = ["# kood.bench results", "",
+             f"ID: `{report['settings']['id_data']}` (test split); aux: `{report['settings']['aux_data']}`; "
+             f"arch {report['settings']['arch']}; {report['seeds_done']} seed(s); mean ± std (sample std) over seeds, "
+             "percentages; score: energy (lower = ID).",
+             f"{report['convention']}.",
+             f"Epochs: pretrain CE {plan['pretrain_epochs']['used']}, fine-tune {plan['finetune_epochs']['used']} "
+             f"(lr {report['settings']['lr']} / {report['settings']['finetune_lr']}). "
+             "Fine-tuned rows' train time excludes the shared CE pretraining; ce rows show the pretraining time.",
+             f"Machine: {report['machine']}."]
+    if plan["budget_minutes"] is not None:
+        scaled = any(plan[k]["used"] != plan[k]["requested"] for k in ("pretrain_epochs", "finetune_epochs"))
+        lines.append(f"Budget: --budget_minutes={plan['budget_minutes']}: " + (
+            f"epochs scaled down to fit (pretrain {plan['pretrain_epochs']['requested']} -> "
+            f"{plan['pretrain_epochs']['used']}, fine-tune {plan['finetune_epochs']['requested']} -> "
+            f"{plan['finetune_epochs']['used']}; estimate {plan['estimate_seconds']:.0f} s before scaling)."
+            if scaled else "the requested epochs fit; not scaled."))
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * sum(h.count("|") + 1 for h in head)]
+    for row, s in report["summary"].items():
+        cells = [row]
+        keys = [n for n in ood_names] + (["average"] if len(ood_names) > 1 else [])
+        for n in keys:
+            cells += [_pm(s[f"fpr95/{n}"]), _pm(s[f"auroc/{n}"])]
+        cells += [_pm(s["id_accuracy"]), _pm(s["train_seconds"], 1.0, 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(cfg: BenchConfig, rows: list[str]) -> list[str]:
+    """Energy histograms (ID vs each OOD set) per method and ROC curves per OOD set, lowest seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    scores = {}
+    for name in rows:
+        for seed in range(cfg.seeds):
+            path = os.path.join(cell_dir(cfg, name, seed), "scores.npz")
+            if os.path.exists(path):
+                with np.load(path) as f:
+                    scores[name] = {k.split("/", 1)[1]: f[k] for k in f.files}
+                break
+    if not scores:
+        return []
+    out_dir = os.path.join(cfg.output, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    fig, axes = plt.subplots(1, len(scores), figsize=(3.2 * len(scores), 2.8), squeeze=False)
+    for ax, (name, s) in zip(axes[0], scores.items()):
+        lo, hi = np.percentile(np.concatenate(list(s.values())), [0.5, 99.5])
+        bins = np.linspace(lo, hi, 50)
+        for set_name, v in s.items():
+            ax.hist(v, bins=bins, alpha=0.5, density=True, label="ID test" if set_name == "id" else set_name)
+        ax.set_title(CE_ROW if name == "ce" else name, fontsize=9)
+        ax.set_xlabel("energy (lower = ID)", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    paths = [os.path.join(out_dir, "energy_hist.png"), os.path.join(out_dir, "roc.png")]
+    fig.savefig(paths[0] + ".tmp.png", dpi=90)
+    plt.close(fig)
+    ood_names = list(cfg.ood)
+    fig, axes = plt.subplots(1, len(ood_names), figsize=(3.6 * len(ood_names), 3.4), squeeze=False)
+    for ax, set_name in zip(axes[0], ood_names):
+        for name, s in scores.items():
+            y = np.r_[np.zeros(len(s["id"])), np.ones(len(s[set_name]))]
+            fpr, tpr, _ = roc_curve(y, np.r_[s["id"], s[set_name]])
+            ax.plot(fpr, tpr, label=CE_ROW if name == "ce" else name)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set_title(f"ROC, OOD = {set_name} (positive)", fontsize=9)
+        ax.set_xlabel("ID flagged as OOD", fontsize=8)
+        ax.set_ylabel("OOD detected", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths[1] + ".tmp.png", dpi=90)
+    plt.close(fig)
+    for p in paths:
+        os.replace(p + ".tmp.png", p)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# The bench
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    """Runs (or resumes) every (method, seed) cell and writes the reports; returns results.json's content.
+
+    Example:
+        report = run_bench(BenchConfig(id_data="d/id", aux_data="d/aux", ood={"o": "d/ood"}, output="out"))
+        print(report["summary"]["greg"]["fpr95/average"])
+    """
+    validate(cfg)
+    plan = _load_or_make_plan(cfg)
+    pre_epochs, fine_epochs = plan["pretrain_epochs"]["used"], plan["finetune_epochs"]["used"]
+    per_seed = len(cfg.methods) + (0 if cfg.init_checkpoint else 1)
+    total, k = cfg.seeds * per_seed, 0
+    cells = []
+    bench_start = time.time()
+    for seed in range(cfg.seeds):
+        if not cfg.init_checkpoint:
+            k += 1
+        init, pre_seconds = _pretrain(cfg, seed, pre_epochs, f"[{k}/{total}]")
+        for name in cfg.methods:
+            k += 1
+            label = f"[{k}/{total}] {name} seed {seed}"
+            directory = cell_dir(cfg, name, seed)
+            if name == "ce":
+                rc = None
+                sig = {"init": os.path.abspath(init), "pretrain": _signature(pretrain_config(cfg, seed, pre_epochs))
+                       if not cfg.init_checkpoint else None, "detectors": list(cfg.detectors)}
+            else:
+                rc = run_config(cfg, name, seed, fine_epochs, init)
+                sig = _signature(rc)
+            done = _finished(directory, sig)
+            if done is not None:
+                print(f"{label}: finished earlier, skipped", file=sys.stderr)
+                cells.append(done)
+                continue
+            print(f"{label}: {'evaluating' if rc is None else f'training {fine_epochs} epochs'} ...",
+                  file=sys.stderr, flush=True)
+            start = time.time()
+            model_file = init if rc is None else os.path.join(directory, "last.keras")
+            cells.append(_run_cell(cfg, rc, directory, name, seed, sig, model_file,
+                                   list(cfg.detectors) if name == "ce" else [], pre_seconds))
+            print(f"{label}: done in {time.time() - start:.0f} s (FPR95 avg {cells[-1]['average']['fpr95']:.4f}, "
+                  f"AUROC avg {cells[-1]['average']['auroc']:.4f})", file=sys.stderr, flush=True)
+    report = {
+        "settings": json.loads(json.dumps(dataclasses.asdict(cfg))), "plan": plan, "machine": machine(),
+        "convention": cells[0]["convention"], "seeds_done": cfg.seeds,
+        "summary": summarize(cells, list(cfg.ood)),
+        "cells": cells, "wall_seconds_this_run": round(time.time() - bench_start, 1)}
+    report["plots"] = write_plots(cfg, cfg.methods)
+    _atomic_write(os.path.join(cfg.output, "results.md"), markdown(report))
+    _atomic_write(os.path.join(cfg.output, "results.json"), json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("id_data", None, "ID kood dataset dir (train and test splits).")
+    flags.DEFINE_string("aux_data", None, "Auxiliary outlier kood dataset dir (energy/greg/greg_plus training).")
+    flags.DEFINE_string("syn_data", None, "Synthetic ID kood dataset dir (for METHOD+sio).")
+    flags.DEFINE_string("ood", None, "Held-out OOD sets: name=DIR[,name=DIR].")
+    flags.DEFINE_list("methods", ["ce", "energy", "greg", "greg_plus"],
+                      "Methods: ce (the pretrained CE model, energy score), any kood.methods preset, "
+                      "or PRESET+sio (with --syn_data, --sio_ratio).")
+    flags.DEFINE_integer("seeds", 3, "Seeds 0..seeds-1 (mean ± std over seeds).")
+    flags.DEFINE_string("arch", "small_cnn", "Architecture (kood.models.ARCHITECTURES).")
+    flags.DEFINE_string("arch_kwargs", "", "Architecture options key=value[,key=value], e.g. width=32.")
+    flags.DEFINE_integer("pretrain_epochs", 10, "CE pretraining epochs per seed.")
+    flags.DEFINE_integer("finetune_epochs", 5, "Fine-tuning epochs of every method (the same budget).")
+    flags.DEFINE_string("init_checkpoint", None, "Fine-tune from this classifier instead of pretraining.")
+    flags.DEFINE_list("detectors", [], "Post-hoc detectors (kood.detectors) applied to the ce baseline.")
+    flags.DEFINE_float("budget_minutes", None, "Scale epochs down (never up) so the whole bench fits.")
+    flags.DEFINE_boolean("speed", False, "Only measure step time and pipeline throughput per method vs CE.")
+    flags.DEFINE_integer("speed_steps", 20, "--speed: steps per timing.")
+    flags.DEFINE_integer("speed_reps", 5, "--speed: interleaved repetitions.")
+    flags.DEFINE_string("output", None, "Output directory (resumable: a rerun skips finished cells).")
+    flags.DEFINE_integer("batch_size", 64, "ID batch size.")
+    flags.DEFINE_float("lr", 0.1, "Peak learning rate of CE pretraining (cosine schedule).")
+    flags.DEFINE_float("finetune_lr", 0.01, "Peak learning rate of fine-tuning (cosine schedule).")
+    flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "Optimizer.")
+    flags.DEFINE_float("weight_decay", 5e-4, "Weight decay.")
+    flags.DEFINE_boolean("augment", True, "Random crop + horizontal flip on ID and aux images.")
+    flags.DEFINE_float("sio_ratio", 0.8, "Real fraction of each batch in METHOD+sio runs.")
+    flags.DEFINE_integer("steps_per_epoch", 0, "Override steps per epoch (0 = ID train images // batch).")
+    flags.DEFINE_string("method_flags", "",
+                        "Method hyperparameter overrides: METHOD:key=value[,key=value][;METHOD:...]; METHOD may "
+                        "be * (every method) or a base name (also its +sio variant), e.g. '*:m_in=-12,m_out=-5'.")
+    flags.DEFINE_integer("verbose", 0, "Keras progress output of the training runs (0 silent, 2 one line/epoch).")
+
+
+def config_from_flags(values) -> BenchConfig:
+    for name in ("id_data", "ood", "output"):
+        if not values[name].value:
+            raise ConfigError(f"--{name} is required")
+    return BenchConfig(
+        id_data=values.id_data, aux_data=values.aux_data, syn_data=values.syn_data, ood=parse_ood(values.ood),
+        output=values.output, methods=list(values.methods), seeds=values.seeds, arch=values.arch,
+        arch_kwargs=parse_key_values(values.arch_kwargs, "arch_kwargs"), pretrain_epochs=values.pretrain_epochs,
+        finetune_epochs=values.finetune_epochs, init_checkpoint=values.init_checkpoint,
+        detectors=list(values.detectors), budget_minutes=values.budget_minutes, batch_size=values.batch_size,
+        lr=values.lr, finetune_lr=values.finetune_lr, optimizer=values.optimizer, weight_decay=values.weight_decay,
+        augment=values.augment, sio_ratio=values.sio_ratio, steps_per_epoch=values.steps_per_epoch,
+        method_flags=parse_method_flags(values.method_flags), verbose=values.verbose)
+
+
+def main(argv) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    values = flags.FLAGS
+    tf.get_logger().setLevel("ERROR")  # tf.function retracing notes of every new model: noise here
+    try:
+        cfg = config_from_flags(values)
+        if values.speed:
+            speed = run_speed(cfg, values.speed_steps, values.speed_reps)
+            print(speed_markdown(speed))
+            print(f"wrote {os.path.join(cfg.output, 'speed.md')} and speed.json", file=sys.stderr)
+            return
+        report = run_bench(cfg)
+    except (ConfigError, DataError) as e:
+        raise SystemExit(f"error: {e}")
+    print(markdown(report))
+    print(f"wrote {cfg.output}/results.md, results.json, plots/", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)
