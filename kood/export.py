@@ -8,11 +8,12 @@ returns
 
 The threshold is calibrated on a **held-out** ID split (not the training split) so that a fraction
 `tpr` of ID images is accepted. Rule: with the n calibration scores sorted ascending, s_1 <= ... <= s_n,
-and k the smallest count with k / n >= tpr (k = ceil(tpr * n)), the threshold lies halfway between s_k
-and the next larger score (s_k itself when there is none). So exactly k calibration images are
-accepted (more only when several images tie with s_k), and the float noise between calibration and
-serving (batch size, kernels) cannot flip a calibration decision. The margin is the point: it is
-`kood.metrics.threshold_at_tpr` (accept when score <= s_k) moved into the gap above s_k.
+and k the smallest count with k / n >= tpr (k = ceil(tpr * n)), the threshold is s_k plus a float-noise
+margin: `NOISE_MARGIN * max(1, |s_k|)`, but at most half the gap to the next larger score (no margin
+when there is none). So exactly k calibration images are accepted (more only when several images tie
+with s_k), as with `kood.metrics.threshold_at_tpr` (the FPR95 rule of kood.evaluate, accept when
+score <= s_k), and the float noise between calibration and serving (batch size, kernels) cannot flip
+a calibration decision.
 
 Only scores computed from the logits alone can run inside the exported graph: `EXPORTABLE`
 (energy, msp, max_logit, gen). Detectors that need fit data (knn, react, vim, ...) or input
@@ -61,6 +62,9 @@ SIGNATURE = "serving_default"
 OUTPUTS = ("logits", "probabilities", "score", "is_ood")
 HELD_OUT_SPLITS = ("val", "validation", "test")  # --calib_split=auto takes the first one present
 CHECKPOINTS = ("best", "last")
+# relative margin above the k-th calibration score: ~100 float32 ulps, far above the noise between
+# batch sizes / kernels (~1e-6 relative), far below score differences that matter
+NOISE_MARGIN = 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,20 +128,20 @@ def _not_exportable(name: str) -> str:
 def calibrate_threshold(id_scores, tpr: float = 0.95) -> float:
     """The float32 threshold accepting (score <= threshold) k = ceil(tpr * n) of `id_scores`.
 
-    Halfway between the k-th smallest score and the next larger one, so serving-time float noise
-    does not flip calibration decisions (module docstring). Uses `kood.metrics.threshold_at_tpr`
-    for the k-th score.
+    The k-th smallest score (`kood.metrics.threshold_at_tpr`) plus a float-noise margin that stays
+    below the next larger score (module docstring).
 
     Example:
-        calibrate_threshold(np.arange(20.0), 0.95)   # 18.5: accepts 0..18, i.e. 19 of 20
+        calibrate_threshold(np.arange(20.0), 0.95)   # 18.00002: accepts 0..18, i.e. 19 of 20
     """
     scores = np.asarray(id_scores, np.float32).reshape(-1)
     kth = np.float32(threshold_at_tpr(scores, tpr))  # ConfigError on empty / non-finite / bad tpr
     above = scores[scores > kth]
     if above.size == 0:
         return float(kth)
-    mid = np.float32((np.float64(kth) + np.float64(above.min())) / 2.0)
-    return float(mid if kth <= mid < above.min() else kth)  # adjacent float32 values: no room between
+    margin = min(NOISE_MARGIN * max(1.0, abs(float(kth))), (float(above.min()) - float(kth)) / 2.0)
+    threshold = np.float32(float(kth) + margin)
+    return float(threshold if kth <= threshold < above.min() else kth)  # adjacent float32 values: no room
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,8 +366,8 @@ def export_detector(model_path: str, out: str, *, id_data: str | None = None, ca
         "calibration": {
             "id_data": id_data, "split": split, "count": int(scores.size), "held_out": held_out,
             "accepted": int(np.sum(scores <= np.float32(threshold))),
-            "rule": "k = ceil(tpr * n) calibration images accepted; threshold halfway between the k-th smallest "
-                    "score and the next larger one",
+            "rule": f"k = ceil(tpr * n) calibration images accepted; threshold = k-th smallest score + "
+                    f"min({NOISE_MARGIN:g} * max(1, |score|), half the gap to the next score)",
             "id_accuracy": float(np.mean(np.concatenate(correct))) if labelled else None,
         },
         "input": {"shape": [None, *model_shape], "dtype": "uint8", "name": "images"},

@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from kood import export as export_lib
-from kood.detectors import DETECTORS, make_detector
+from kood.detectors import make_detector
 from kood.errors import ConfigError, DataError
 from kood.export import EXPORTABLE, calibrate_threshold, export_detector, graph_score
 from kood.models import load_classifier
@@ -112,17 +112,20 @@ def test_threshold_accepts_exactly_the_documented_count_of_calibration_images(ex
     assert int(np.sum(~out["val/is_ood"])) == k
     assert info["calibration"] == {**info["calibration"], "split": "val", "count": NUM_VAL, "accepted": k}
     assert out["threshold"] == np.float32(info["threshold"])
-    # the threshold sits strictly inside the gap above the k-th score, away from float noise
+    # just above the k-th score (kood.evaluate's FPR95 rule), with a margin against float noise
     scores = np.sort(out["val/score"])
     assert scores[k - 1] < info["threshold"] < scores[k]
+    assert info["threshold"] - scores[k - 1] <= 1e-5 * max(1.0, abs(scores[k - 1])) * 1.01
 
 
 def test_uniform_noise_is_flagged_far_more_often_than_id(served):
     _, out = served
     id_rate, noise_rate = float(np.mean(out["test/is_ood"])), float(np.mean(out["noise/is_ood"]))
-    # the tiny digits model puts uniform noise far from the digits (energy AUROC ~0.99 in test_detectors)
+    # measured on this model: noise 96% flagged, ID test split 9.5% (200 images other than the
+    # calibration ones, so only about 5%); the bounds leave room for another TF/CPU
     assert noise_rate >= 0.8, noise_rate
-    assert id_rate <= 0.15, id_rate  # held-out ID test split: ~5% expected, not exactly (other images)
+    assert id_rate <= 0.2, id_rate
+    assert noise_rate > id_rate + 0.6
 
 
 def test_detector_json_records_score_temperature_calibration_and_classes(run, exported):
@@ -163,10 +166,18 @@ def test_calibrate_threshold_accepts_k_of_n(n, tpr):
     assert int(np.sum(scores <= np.float32(threshold))) == expected_accepted(n, tpr)
 
 
+def test_calibrate_threshold_margin_is_small_and_below_the_next_score():
+    assert calibrate_threshold(np.arange(20.0), 0.95) == pytest.approx(18.0 + 18.0 * 1e-5, rel=1e-6)
+    close = np.array([1.0, 2.0, np.nextafter(np.float32(2.0), np.float32(3.0))], np.float32)
+    assert calibrate_threshold(close, 0.6) == 2.0  # adjacent floats: no room for a margin
+    tight = np.array([1.0, 2.0, 2.0 + 1e-6], np.float32)
+    assert 2.0 < calibrate_threshold(tight, 0.6) < tight[2]  # half the gap
+
+
 def test_calibrate_threshold_with_ties_accepts_the_whole_tie():
     scores = np.array([0, 1, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 4], np.float32)
     threshold = calibrate_threshold(scores, 0.5)  # k = 10 falls in the tie at 3
-    assert 3 < threshold < 4 and int(np.sum(scores <= threshold)) == 19
+    assert 3 < threshold < 3.001 and int(np.sum(scores <= threshold)) == 19
 
 
 def test_last_checkpoint_and_other_detector(run, tmp_path):
