@@ -55,7 +55,10 @@ def _kmeans_pp_init(x: tf.Tensor, k: int, seed: tf.Tensor) -> tf.Tensor:
         # All remaining points coincide with a center (k > distinct points): draw uniformly.
         logits = tf.where(tf.reduce_any(min_d2 > 0),
                           tf.math.log(tf.where(min_d2 > 0, min_d2, 0.0)), tf.zeros_like(min_d2))
-        pick = tf.random.stateless_categorical(logits[None], 1, seeds[i], dtype=tf.int32)[0, 0]
+        # Gumbel-max draw from softmax(logits): same distribution as stateless_categorical, which XLA
+        # cannot compile (StatelessMultinomial), so `jit_compile=True` train steps work too.
+        u = tf.random.stateless_uniform(tf.shape(logits), seeds[i], minval=1e-12, maxval=1.0)
+        pick = tf.argmax(logits - tf.math.log(-tf.math.log(u)), output_type=tf.int32)
         centers = tf.tensor_scatter_nd_update(centers, [[i]], x[pick][None])
         return i + 1, centers, tf.minimum(min_d2, tf.reduce_sum(tf.square(x - x[pick]), 1))
 
