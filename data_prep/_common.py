@@ -46,6 +46,14 @@ def define_conversion_flags(default_kind: str, kinds: list[str]) -> None:
     flags.DEFINE_string("images_key", None, "npz: name of the images array.")
     flags.DEFINE_string("labels_key", None, "npz: name of the labels array.")
     flags.DEFINE_boolean("overwrite", False, "Replace an existing complete dataset at --out.")
+    flags.DEFINE_integer("task_index", 0,
+                         "With --num_tasks: which task this run is, in [0, --num_tasks) (e.g. "
+                         "$SLURM_ARRAY_TASK_ID).")
+    flags.DEFINE_integer("num_tasks", 1,
+                         "Fan the conversion out over this many independent runs (machines, array jobs), "
+                         "all with the same flags but --task_index. Each writes its own contiguous run of "
+                         "shards into OUT/tasks/; then `python -m data_prep.merge OUT` makes the dataset "
+                         "(equal to a single run's). Needs --num_shards >= --num_tasks.")
 
 
 def conversion_kwargs() -> dict:
@@ -54,7 +62,7 @@ def conversion_kwargs() -> dict:
                 channels=int(FLAGS.channels) if FLAGS.channels else None, limit=FLAGS.limit, seed=FLAGS.seed,
                 num_shards=FLAGS.num_shards, workers=FLAGS.workers, encoding=FLAGS.encoding,
                 overwrite=FLAGS.overwrite, images_key=FLAGS.images_key, labels_key=FLAGS.labels_key,
-                command=command_line())
+                command=command_line(), task_index=FLAGS.task_index, num_tasks=FLAGS.num_tasks)
 
 
 def command_line() -> str:
@@ -68,6 +76,12 @@ def _module_name() -> str:
 
 
 def report(manifest, out: str) -> None:
+    """Prints what was written: the dataset, or one task's part of it (`kood.fanout.TaskPart`)."""
+    if hasattr(manifest, "task_index"):
+        counts = ", ".join(f"{name}={n}" for name, n in manifest.counts().items())
+        print(f"{out}: task {manifest.task_index} of {manifest.num_tasks} done ({counts}); when all "
+              f"{manifest.num_tasks} are: python -m data_prep.merge {shlex.quote(out)}")
+        return
     splits = ", ".join(f"{name}={info['count']}" for name, info in manifest.splits.items())
     print(f"{out}: kind={manifest.kind} image_shape={manifest.image_shape} "
           f"num_classes={manifest.num_classes} encoding={manifest.encoding} {splits}")

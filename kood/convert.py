@@ -21,11 +21,12 @@ from typing import Iterator
 import numpy as np
 
 from kood.errors import ConfigError, DataError
+from kood.fanout import TaskPart, finish_task, start_task, task_shards
 from kood.manifest import KINDS, Manifest, read_manifest, write_manifest
 from kood.progress import Progress
 from kood.records import ENCODINGS, UNLABELLED
 from kood.sources import Source, SplitSource, open_source
-from kood.writer import DEFAULT_ENCODING, DatasetWriter, write_shard
+from kood.writer import DEFAULT_ENCODING, DatasetWriter, class_names_for, command_line, write_shard
 
 RESIZE_MODES = ("resize", "center_crop")
 UNLABELLED_KINDS = ("outlier", "ood")
@@ -70,7 +71,7 @@ def prepare_image(image: np.ndarray, image_size: int | None = None, resize: str 
     return out[..., None] if out.ndim == 2 else out
 
 
-def _check_args(kind, image_size, resize, channels, limit, num_shards, workers, encoding):
+def _check_args(kind, image_size, resize, channels, limit, num_shards, workers, encoding, task_index, num_tasks):
     if kind not in KINDS:
         raise ConfigError(f"--kind must be one of {KINDS}. Received: kind={kind!r}")
     if image_size is not None and image_size < 1:
@@ -88,6 +89,10 @@ def _check_args(kind, image_size, resize, channels, limit, num_shards, workers, 
         raise ConfigError(f"--workers must be >= 1. Received: workers={workers}")
     if encoding not in ENCODINGS:
         raise ConfigError(f"--encoding must be one of {ENCODINGS}. Received: encoding={encoding!r}")
+    if num_tasks < 1:
+        raise ConfigError(f"--num_tasks must be >= 1. Received: num_tasks={num_tasks}")
+    if not 0 <= task_index < num_tasks:
+        raise ConfigError(f"--task_index must be in [0, --num_tasks={num_tasks}). Received: task_index={task_index}")
 
 
 def _output_splits(src: Source, split: str | None, kind: str) -> dict[str, str]:
@@ -143,8 +148,8 @@ def convert(source: str, out_dir: str, *, kind: str = "real", split: str | None 
             limit: int | None = None, seed: int = 0, num_shards: int = 1, workers: int = 1,
             encoding: str = DEFAULT_ENCODING, overwrite: bool = False, images_key: str | None = None,
             labels_key: str | None = None, allow_unlabelled: bool = False, command: str | None = None,
-            show_progress: bool = True) -> Manifest:
-    """Converts `source` into the kood dataset directory `out_dir`.
+            show_progress: bool = True, task_index: int = 0, num_tasks: int = 1) -> Manifest | TaskPart:
+    """Converts `source` into the kood dataset directory `out_dir` (or, with `num_tasks` > 1, one part of it).
 
     Args:
         source: a SRC string, see `kood.sources.open_source`.
@@ -167,14 +172,18 @@ def convert(source: str, out_dir: str, *, kind: str = "real", split: str | None 
         allow_unlabelled: write an unlabelled real/synthetic set (for pseudo-labelling later).
         command: recorded in the manifest (default: this process's command line).
         show_progress: print a progress line to stderr.
+        task_index, num_tasks: fan the conversion out over `num_tasks` independent runs (machines,
+            array jobs): this run writes only shards `kood.fanout.task_shards(.., task_index, num_tasks)`
+            of each split into `out_dir/tasks/`; `kood.fanout.merge_tasks(out_dir)` then makes the
+            dataset, equal to a single run's. Needs `num_shards >= num_tasks`.
 
     Returns:
-        The written `Manifest`.
+        The written `Manifest`, or with `num_tasks` > 1 this task's `kood.fanout.TaskPart`.
 
     Example:
         m = convert("npz:digits.npz", "data/digits", image_size=32, channels=3, num_shards=2)
     """
-    _check_args(kind, image_size, resize, channels, limit, num_shards, workers, encoding)
+    _check_args(kind, image_size, resize, channels, limit, num_shards, workers, encoding, task_index, num_tasks)
     src = open_source(source, images_key=images_key, labels_key=labels_key)
     splits = _output_splits(src, split, kind)
     labelled = src.labelled and kind not in UNLABELLED_KINDS
@@ -200,9 +209,10 @@ def convert(source: str, out_dir: str, *, kind: str = "real", split: str | None 
     shape = prepare_image(first_image, image_size, resize, channels).shape
 
     largest = max(len(ix) for ix in selected.values())
-    jobs = []
+    jobs, plan = [], {}
     for out_split, indices in selected.items():
         n_shards = max(1, min(len(indices), round(num_shards * len(indices) / largest)))
+        plan[out_split] = {"count": len(indices), "num_shards": n_shards}
         for shard, block in enumerate(np.array_split(indices, n_shards)):
             jobs.append(dict(spec=source, images_key=images_key, labels_key=labels_key,
                              source_split=splits[out_split], indices=block.tolist(), shape=shape,
@@ -210,10 +220,22 @@ def convert(source: str, out_dir: str, *, kind: str = "real", split: str | None 
                              resize=resize, channels=channels, directory=out_dir, split=out_split,
                              shard=shard, num_shards=n_shards, encoding=encoding))
 
-    writer = DatasetWriter(out_dir, kind=kind, image_shape=shape, num_classes=num_classes,
-                           class_names=src.class_names if labelled else None, encoding=encoding,
-                           overwrite=overwrite)
-    total = sum(len(ix) for ix in selected.values())
+    if num_tasks > 1:
+        most = max(p["num_shards"] for p in plan.values())
+        if num_tasks > most:
+            raise ConfigError(f"--num_tasks={num_tasks} exceeds the {most} shard(s) of the largest split; each task "
+                              f"writes whole shards, so pass --num_shards >= --num_tasks. "
+                              f"Received: num_tasks={num_tasks}, num_shards={num_shards}")
+        jobs = [j for j in jobs if j["shard"] in task_shards(j["num_shards"], task_index, num_tasks)]
+        write_dir = start_task(out_dir, task_index, num_tasks, overwrite)
+        for job in jobs:
+            job["directory"] = write_dir
+    else:
+        writer = DatasetWriter(out_dir, kind=kind, image_shape=shape, num_classes=num_classes,
+                               class_names=src.class_names if labelled else None, encoding=encoding,
+                               overwrite=overwrite)
+        write_dir = out_dir
+    total = sum(len(j["indices"]) for j in jobs)
     bar = Progress("convert", total=total) if show_progress else None
     infos: dict[str, list[dict]] = {s: [] for s in selected}
     if workers == 1:
@@ -221,7 +243,7 @@ def convert(source: str, out_dir: str, *, kind: str = "real", split: str | None 
             split_src = src.splits[job["source_split"]]
             items = _shard_items(split_src, job["indices"], shape, labelled, num_classes,
                                  image_size, resize, channels)
-            infos[job["split"]].append(write_shard(out_dir, job["split"], job["shard"], job["num_shards"],
+            infos[job["split"]].append(write_shard(write_dir, job["split"], job["shard"], job["num_shards"],
                                                    items, shape, encoding, bar))
     else:
         # spawn, not fork: the parent has TensorFlow's threads running, which fork does not copy safely
@@ -235,13 +257,21 @@ def convert(source: str, out_dir: str, *, kind: str = "real", split: str | None 
                     bar.update(info["count"])
     if bar is not None:
         bar.__exit__()
-    for out_split, shard_infos in infos.items():
-        writer.add_split(out_split, shard_infos)
     extra = {"conversion": {
         "splits": {out: src_split for out, src_split in splits.items()}, "image_size": image_size,
         "resize": resize if image_size else None, "channels": channels, "limit": limit,
         "seed": seed if limit else None, "source_labelled": src.labelled,
         "labels_dropped": src.labelled and not labelled}}
+    if num_tasks > 1:
+        part = TaskPart(
+            task_index=task_index, num_tasks=num_tasks, kind=kind, image_shape=list(shape),
+            num_classes=num_classes, class_names=class_names_for(src.class_names if labelled else None, num_classes),
+            encoding=encoding, source=source, command=command if command is not None else command_line(), plan=plan,
+            shards={s: sorted(shard_infos, key=lambda i: i["file"]) for s, shard_infos in infos.items()},
+            extra=extra)
+        return finish_task(part, out_dir)
+    for out_split, shard_infos in infos.items():
+        writer.add_split(out_split, shard_infos)
     return writer.finish(source=source, command=command, extra=extra)
 
 
@@ -271,6 +301,9 @@ def convert_and_pseudo_label(source: str, out_dir: str, model_path: str, *, min_
 
     if not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"--min_confidence must be in [0, 1]. Received: min_confidence={min_confidence}")
+    if convert_kwargs.get("num_tasks", 1) != 1:
+        raise ConfigError("--num_tasks > 1 is not supported with --pseudo_label_model (labelling runs on the "
+                          f"whole converted set); use one task. Received: num_tasks={convert_kwargs['num_tasks']}")
     if not os.path.exists(model_path):
         raise ConfigError(f"--pseudo_label_model={model_path}: no such file or directory")
     if os.path.exists(os.path.join(out_dir, "manifest.json")) and not overwrite:

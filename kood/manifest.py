@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import uuid
 from typing import Any
 
 from kood.errors import DataError
@@ -14,6 +14,7 @@ from kood.records import ENCODINGS
 FORMAT = "kood-tfrecord/1"
 KINDS = ("real", "synthetic", "outlier", "ood")
 MANIFEST = "manifest.json"
+TASKS = "tasks"  # DIR/tasks/: per-task parts of a fanned-out conversion (kood.fanout), until merged
 
 
 def shard_name(split: str, shard: int, num_shards: int) -> str:
@@ -91,6 +92,9 @@ def read_manifest(directory: str) -> Manifest:
         raise DataError(f"{directory}: dataset directory does not exist")
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
+        if os.path.isdir(os.path.join(directory, TASKS)):
+            raise DataError(f"{path}: no manifest.json, but {TASKS}/ holds parts of a conversion run with "
+                            f"--num_tasks; when all tasks are done: python -m data_prep.merge {directory}")
         raise DataError(f"{path}: no manifest.json (not a kood dataset, or its conversion did not finish)")
     try:
         with open(path) as f:
@@ -112,10 +116,22 @@ def write_manifest(directory: str, manifest: Manifest) -> str:
     """Validates and writes the manifest atomically (temp file + rename)."""
     path = os.path.join(directory, MANIFEST)
     manifest.validate(path)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=directory)
+    write_text_atomic(path, manifest.to_json())
+    return path
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes `text` to a temp file next to `path`, fsyncs, renames it to `path`.
+
+    The temp file is opened like any new file (mode 0666 minus the umask, so
+    0644 usually), not with mkstemp, whose 0600 would hide a dataset from
+    other users and from jobs running under another account.
+    """
+    tmp = os.path.join(os.path.dirname(path) or ".",
+                       f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(manifest.to_json())
+        with open(tmp, "x") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -123,4 +139,3 @@ def write_manifest(directory: str, manifest: Manifest) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return path

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import glob
 import hashlib
@@ -77,6 +78,53 @@ def write_shard(directory: str, split: str, shard: int, num_shards: int, items: 
             "sum": total.tolist(), "sum_sq": total_sq.tolist()}
 
 
+def command_line() -> str:
+    """This process's command line, shell-quoted (what manifests record by default)."""
+    return " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def class_names_for(class_names: list[str] | None, num_classes: int) -> list[str]:
+    """The manifest's class names: the given ones, else "0", "1", ...; none for an unlabelled set."""
+    if not num_classes:
+        return []
+    return list(class_names) if class_names else [str(i) for i in range(num_classes)]
+
+
+def claim_directory(directory: str, overwrite: bool) -> None:
+    """Creates `directory`; an existing complete dataset there is an error unless `overwrite`.
+
+    With `overwrite` the manifest goes first, so from here on the directory no
+    longer looks complete. Tolerates a concurrent removal (fanned-out tasks).
+    """
+    manifest = os.path.join(directory, MANIFEST)
+    if os.path.exists(manifest):
+        if not overwrite:
+            raise DataError(f"{directory}: already holds a complete dataset; pass --overwrite to replace it")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(manifest)
+    os.makedirs(directory, exist_ok=True)
+
+
+def mean_std(count: int, total, total_sq, image_shape) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of `count` images from their pixel sums and sums of squares.
+
+    Sums (not means) are what shards and task parts store, so any split of the
+    work combines exactly.
+    """
+    pixels = count * image_shape[0] * image_shape[1]
+    mean = np.asarray(total, np.float64) / pixels
+    std = np.sqrt(np.maximum(np.asarray(total_sq, np.float64) / pixels - mean ** 2, 0.0))
+    std = np.where(std < 1e-6, 1.0, std)  # a constant channel would divide by zero
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def remove_stale_shards(directory: str, keep: set[str]) -> None:
+    """Removes `*.tfrecord` files of earlier runs that are not in `keep`."""
+    for path in glob.glob(os.path.join(directory, "*.tfrecord")):
+        if os.path.basename(path) not in keep:
+            os.remove(path)
+
+
 class DatasetWriter:
     """Writes splits as shards, then the manifest (see module docstring).
 
@@ -100,15 +148,10 @@ class DatasetWriter:
         self.directory, self.kind, self.encoding = directory, kind, encoding
         self.image_shape = tuple(int(d) for d in image_shape)
         self.num_classes = int(num_classes)
-        self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
+        self.class_names = class_names_for(class_names, self.num_classes)
         self.splits: dict[str, dict] = {}
         self._sums: dict[str, tuple] = {}
-        manifest = os.path.join(directory, MANIFEST)
-        if os.path.exists(manifest):
-            if not overwrite:
-                raise DataError(f"{directory}: already holds a complete dataset; pass --overwrite to replace it")
-            os.remove(manifest)  # from here on the directory no longer looks complete
-        os.makedirs(directory, exist_ok=True)
+        claim_directory(directory, overwrite)
 
     def write_split(self, split: str, items: Iterable[Item], num_shards: int = 1, total: int | None = None,
                     show_progress: bool = True) -> None:
@@ -149,22 +192,15 @@ class DatasetWriter:
         if not self.splits:
             raise DataError(f"{self.directory}: nothing was written")
         stats = stats_split if stats_split in self._sums else next(iter(self._sums))
-        n, s, sq = self._sums[stats]
-        pixels = n * self.image_shape[0] * self.image_shape[1]
-        mean = s / pixels
-        std = np.sqrt(np.maximum(sq / pixels - mean ** 2, 0.0))
-        std = np.where(std < 1e-6, 1.0, std)  # a constant channel would divide by zero
+        mean, std = mean_std(*self._sums[stats], self.image_shape)
         manifest = Manifest(
             kind=self.kind, image_shape=list(self.image_shape), num_classes=self.num_classes,
-            class_names=self.class_names if self.num_classes else [], splits=self.splits,
-            mean=[float(v) for v in mean], std=[float(v) for v in std], source=source,
-            command=command if command is not None else " ".join(shlex.quote(a) for a in sys.argv),
+            class_names=self.class_names, splits=self.splits,
+            mean=mean, std=std, source=source,
+            command=command if command is not None else command_line(),
             encoding=self.encoding, created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
             extra=extra or {})
-        keep = {sh["file"] for sp in self.splits.values() for sh in sp["shards"]}
-        for path in glob.glob(os.path.join(self.directory, "*.tfrecord")):
-            if os.path.basename(path) not in keep:
-                os.remove(path)
+        remove_stale_shards(self.directory, {sh["file"] for sp in self.splits.values() for sh in sp["shards"]})
         write_manifest(self.directory, manifest)
         return manifest
 
