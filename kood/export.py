@@ -1,4 +1,4 @@
-"""Export a trained classifier as a servable OOD detector: `python -m kood.export`.
+r"""Export a trained classifier as a servable OOD detector: `python -m kood.export`.
 
 Writes a TensorFlow SavedModel whose serving signature takes **uint8** images `[None, H, W, C]` and
 returns
@@ -413,8 +413,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("checkpoint", "best", list(CHECKPOINTS), "Which model of a run dir to export.")
     flags.DEFINE_string("id_data", None, "ID dataset dir holding the calibration split (default: the run's "
                         "config.json id_data).")
-    flags.DEFINE_string("calib_split", "auto", "HELD-OUT ID split the threshold is calibrated on (never the "
-                        f"training split); auto = the first of {','.join(HELD_OUT_SPLITS)}.")
+    flags.DEFINE_string("calib_split", "auto", "HELD-OUT ID split the threshold is calibrated on (not the "
+                        f"training split: that warns); auto = the first of {','.join(HELD_OUT_SPLITS)}.")
     flags.DEFINE_string("detector", "energy", f"OOD score computed in the graph. Exportable: {','.join(EXPORTABLE)}.")
     flags.DEFINE_string("detector_params", None, "JSON of the detector's hyperparameters, e.g. "
                         "'{\"temperature\": 2.0}' (energy's T defaults to the run's temperature).")

@@ -229,6 +229,12 @@ def test_interrupted_export_leaves_nothing_complete_looking(run, tmp_path, monke
         assert os.listdir(tmp_path) == []
 
 
+def test_calibrating_on_the_training_split_warns_and_is_recorded(run, tmp_path, capsys):
+    info = export_detector(run["run"], str(tmp_path / "out"), calib_split="train", detector="max_logit")
+    assert "warning: calibrating on the training split 'train'" in capsys.readouterr().err
+    assert info["calibration"]["held_out"] is False
+
+
 def test_bare_keras_file_needs_id_data(run, tmp_path):
     path = str(tmp_path / "model.keras")
     run["model"].save(path)
