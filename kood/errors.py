@@ -1,5 +1,10 @@
 """Errors kood raises on bad input. Both are ValueErrors, so callers can catch either."""
 
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
 
 class DataError(ValueError):
     """A data file, record or dataset directory is missing, corrupt or inconsistent."""
@@ -7,3 +12,22 @@ class DataError(ValueError):
 
 class ConfigError(ValueError):
     """A flag or argument is invalid, or flags do not fit together."""
+
+
+def run_cli(prog: str, argv: Sequence[str], work: Callable[[], object]) -> None:
+    """Runs `work()` for the flags-only CLI `prog`; bad input exits with code 2 and a one-line message.
+
+    A DataError / ConfigError prints `prog: error: <type>: <message>` to stderr without a traceback
+    (the message says what to fix); any other exception propagates as usual.
+
+    Example:
+        def main(argv):
+            run_cli("kood.export", argv, lambda: run_from_flags(flags.FLAGS))
+    """
+    try:
+        if len(argv) > 1:
+            raise ConfigError(f"{prog} takes flags only. Received extra arguments: {list(argv[1:])}")
+        work()
+    except (ConfigError, DataError) as e:
+        print(f"{prog}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)

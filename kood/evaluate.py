@@ -381,15 +381,9 @@ def run_from_flags(flags_values) -> dict:
 def main(argv) -> None:
     from absl import flags
 
-    import sys
+    from kood.errors import run_cli
 
-    try:
-        if len(argv) > 1:
-            raise ConfigError(f"kood.evaluate takes flags only. Received extra arguments: {argv[1:]}")
-        run_from_flags(flags.FLAGS)
-    except (ConfigError, DataError) as e:  # bad input: the message says what to fix, a traceback would not help
-        print(f"kood.evaluate: error: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli("kood.evaluate", argv, lambda: run_from_flags(flags.FLAGS))
 
 
 if __name__ == "__main__":

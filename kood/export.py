@@ -50,7 +50,7 @@ import tensorflow as tf
 
 from kood.data import eval_dataset
 from kood.detectors import DETECTORS, make_detector
-from kood.errors import ConfigError, DataError
+from kood.errors import ConfigError, DataError, run_cli
 from kood.manifest import read_manifest
 from kood.metrics import threshold_at_tpr
 from kood.progress import Progress
@@ -449,13 +449,7 @@ def run_from_flags(flags_values) -> dict:
 def main(argv) -> None:
     from absl import flags
 
-    try:
-        if len(argv) > 1:
-            raise ConfigError(f"kood.export takes flags only. Received extra arguments: {argv[1:]}")
-        run_from_flags(flags.FLAGS)
-    except (ConfigError, DataError) as e:  # bad input: the message says what to fix, a traceback would not help
-        print(f"kood.export: error: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli("kood.export", argv, lambda: run_from_flags(flags.FLAGS))
 
 
 if __name__ == "__main__":
