@@ -321,6 +321,9 @@ def export_detector(model_path: str, out: str, *, id_data: str | None = None, ca
         id_data = (config or {}).get("id_data")
         if not id_data:
             raise ConfigError(f"--id_data is required: {model_path} has no run config.json naming its ID data")
+        if not os.path.isdir(id_data):  # e.g. a relative path from another working directory
+            raise DataError(f"The run config.json of {model_path} names id_data={id_data!r}, which is not a "
+                            "directory here; pass --id_data=DIR")
     model = load_classifier(model_file)
     # the kood detector validates the hyperparameters (names, ranges) and reports them
     hyperparams = make_detector(detector, model, **params).hyperparams()

@@ -272,6 +272,15 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(run, tmp_path, kwargs, er
     assert os.listdir(tmp_path) == []
 
 
+def test_run_config_naming_a_missing_id_data_is_a_data_error(run, tmp_path):
+    run_dir = tmp_path / "moved_run"
+    run_dir.mkdir()
+    run["model"].save(str(run_dir / "best.keras"))
+    (run_dir / "config.json").write_text(json.dumps({"method": "ce", "id_data": "data/digits"}))
+    with pytest.raises(DataError, match="names id_data='data/digits', which is not a directory here; pass --id_data"):
+        export_detector(str(run_dir), str(tmp_path / "out"))
+
+
 def test_class_count_mismatch_is_a_data_error(run, tmp_path):
     five = str(tmp_path / "five")
     x, y = digits_arrays()[2:]
