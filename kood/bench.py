@@ -73,7 +73,8 @@ class BenchConfig:
         sio_ratio: real fraction of each batch in `+sio` methods.
         arch, arch_kwargs: model (kood.models).
         pretrain_epochs, finetune_epochs: requested epochs (budget scaling may lower them).
-        init_checkpoint: use this classifier instead of pretraining (same for every seed).
+        init_checkpoint: use this classifier instead of pretraining; `{seed}` in it is replaced by the
+            seed (e.g. another bench's `OUT/pretrain/seed-{seed}/last.keras`), else every seed uses it.
         detectors: post-hoc detectors applied to the CE baseline (`ce` must be in methods).
         budget_minutes: scale epochs down so the whole bench fits (None = no scaling).
         batch_size, lr, finetune_lr, optimizer, weight_decay, augment, steps_per_epoch: RunConfig knobs
@@ -220,8 +221,10 @@ def validate(cfg: BenchConfig) -> None:
             read_manifest(directory)
         except DataError as e:
             raise DataError(f"--ood set {name!r}: {e}") from e
-    if cfg.init_checkpoint and not os.path.exists(cfg.init_checkpoint):
-        raise DataError(f"--init_checkpoint={cfg.init_checkpoint} does not exist")
+    for seed in range(cfg.seeds) if cfg.init_checkpoint else ():
+        if not os.path.exists(init_checkpoint(cfg, seed)):
+            raise DataError(f"--init_checkpoint={cfg.init_checkpoint}: {init_checkpoint(cfg, seed)} (seed {seed}) "
+                            "does not exist")
     for name in cfg.methods:  # RunConfig-level checks (aux data present, sio ratio, lr, ...)
         run.validate(run_config(cfg, name, 0, cfg.finetune_epochs, "/nonexistent"))
     run.validate(pretrain_config(cfg, 0, cfg.pretrain_epochs))
@@ -235,6 +238,11 @@ def _common(cfg: BenchConfig) -> dict:
     return dict(id_data=cfg.id_data, arch=cfg.arch, arch_kwargs=dict(cfg.arch_kwargs), optimizer=cfg.optimizer,
                 weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, augment=cfg.augment,
                 steps_per_epoch=cfg.steps_per_epoch, val_split="none", verbose=cfg.verbose)
+
+
+def init_checkpoint(cfg: BenchConfig, seed: int) -> str:
+    """`--init_checkpoint` of one seed (`{seed}` replaced)."""
+    return cfg.init_checkpoint.replace("{seed}", str(seed))
 
 
 def pretrain_dir(cfg: BenchConfig, seed: int) -> str:
@@ -349,6 +357,7 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
             "pipeline_images_per_second": float(images_per_batch[name] / np.median(pipe_times[name])),
             "pipeline_ratio": float(np.median(np.array(pipe_times[name]) / np.array(pipe_times["ce"]))),
             "images_per_batch": images_per_batch[name],
+            "step_seconds_per_rep": step_times[name], "pipeline_seconds_per_rep": pipe_times[name],
         }
     return {"methods": out, "steps": steps, "reps": reps, "batch_size": cfg.batch_size, "arch": cfg.arch,
             "machine": machine()}
@@ -541,7 +550,7 @@ def _run_cell(cfg: BenchConfig, rc: RunConfig | None, directory: str, name: str,
 def _pretrain(cfg: BenchConfig, seed: int, epochs: int, label: str) -> tuple[str, float | None]:
     """Pretrains seed `seed` (or finds it done); returns (classifier file, train seconds)."""
     if cfg.init_checkpoint:
-        return cfg.init_checkpoint, None
+        return init_checkpoint(cfg, seed), None
     rc = pretrain_config(cfg, seed, epochs)
     marker = os.path.join(rc.model_dir, "pretrain_done.json")
     sig = _signature(rc)
@@ -770,7 +779,8 @@ def define_flags() -> None:
     flags.DEFINE_string("arch_kwargs", "", "Architecture options key=value[,key=value], e.g. width=32.")
     flags.DEFINE_integer("pretrain_epochs", 10, "CE pretraining epochs per seed.")
     flags.DEFINE_integer("finetune_epochs", 5, "Fine-tuning epochs of every method (the same budget).")
-    flags.DEFINE_string("init_checkpoint", None, "Fine-tune from this classifier instead of pretraining.")
+    flags.DEFINE_string("init_checkpoint", None, "Fine-tune from this classifier instead of pretraining; {seed} in "
+                        "the path is replaced by the seed, e.g. OTHER_BENCH/pretrain/seed-{seed}/last.keras.")
     flags.DEFINE_list("detectors", [], "Post-hoc detectors (kood.detectors) applied to the ce baseline.")
     flags.DEFINE_float("budget_minutes", None, "Scale epochs down (never up) so the whole bench fits.")
     flags.DEFINE_boolean("speed", False, "Only measure step time and pipeline throughput per method vs CE.")
@@ -806,25 +816,27 @@ def config_from_flags(values) -> BenchConfig:
         method_flags=parse_method_flags(values.method_flags), verbose=values.verbose)
 
 
-def main(argv) -> None:
-    from absl import app, flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    values = flags.FLAGS
-    tf.get_logger().setLevel("ERROR")  # tf.function retracing notes of every new model: noise here
-    try:
-        cfg = config_from_flags(values)
-        if values.speed:
-            speed = run_speed(cfg, values.speed_steps, values.speed_reps)
-            print(speed_markdown(speed))
-            print(f"wrote {os.path.join(cfg.output, 'speed.md')} and speed.json", file=sys.stderr)
-            return
-        report = run_bench(cfg)
-    except (ConfigError, DataError) as e:
-        raise SystemExit(f"error: {e}")
+def run_from_flags(values) -> dict:
+    """Runs the bench (or `--speed`) from parsed flags and prints the table."""
+    cfg = config_from_flags(values)
+    if values.speed:
+        speed = run_speed(cfg, values.speed_steps, values.speed_reps)
+        print(speed_markdown(speed))
+        print(f"wrote {os.path.join(cfg.output, 'speed.md')} and speed.json", file=sys.stderr)
+        return speed
+    report = run_bench(cfg)
     print(markdown(report))
     print(f"wrote {cfg.output}/results.md, results.json, plots/", file=sys.stderr)
+    return report
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    from kood.errors import run_cli
+
+    tf.get_logger().setLevel("ERROR")  # tf.function retracing notes of every new model: noise here
+    run_cli("kood.bench", argv, lambda: run_from_flags(flags.FLAGS))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,224 @@
+"""kood.bench: cell results match the scores, the table is the mean/std of the cells, reruns skip
+finished cells, bad settings fail early, the budget plan scales epochs, --speed writes ratios."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from kood import bench
+from kood.errors import ConfigError, DataError
+from kood.models import build_classifier
+from tests.train_helpers import make_digit_sets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    dirs = make_digit_sets(str(root / "data"))
+    # a fixed initial classifier: the fast tests skip pretraining (--init_checkpoint)
+    model = build_classifier("small_cnn", input_shape=(8, 8, 1), num_classes=5, mean=[60.0], std=[80.0], width=4)
+    dirs["init"] = str(root / "init.keras")
+    model.save(dirs["init"])
+    dirs["root"] = str(root)
+    return dirs
+
+
+def _cfg(sets, output, **kw):
+    base = dict(id_data=sets["id"], aux_data=sets["aux"], syn_data=sets["syn"], ood={"d89": sets["ood"]},
+                output=output, methods=["ce", "greg+sio"], seeds=2, init_checkpoint=sets["init"],
+                arch_kwargs={"width": 4}, finetune_epochs=1, steps_per_epoch=2, batch_size=16, detectors=["msp"])
+    base.update(kw)
+    return bench.BenchConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def report(sets):
+    cfg = _cfg(sets, os.path.join(sets["root"], "out"))
+    return cfg, bench.run_bench(cfg)
+
+
+def test_cell_metrics_come_from_the_cells_scores(report):
+    cfg, rep = report
+    assert len(rep["cells"]) == 4  # 2 methods x 2 seeds
+    for cell in rep["cells"]:
+        with np.load(os.path.join(bench.cell_dir(cfg, cell["method"], cell["seed"]), "scores.npz")) as f:
+            s_id, s_ood = f["energy/id"], f["energy/d89"]
+        assert len(s_id) == 301 and len(s_ood) == 354
+        # energy: higher = OOD; AUROC with OOD as the positive class, independently via sklearn
+        expected = roc_auc_score(np.r_[np.zeros(len(s_id)), np.ones(len(s_ood))], np.r_[s_id, s_ood])
+        assert cell["ood"]["d89"]["auroc"] == pytest.approx(expected, abs=1e-9)
+        threshold = np.sort(s_id)[int(np.ceil(0.95 * len(s_id))) - 1]
+        assert cell["ood"]["d89"]["fpr95"] == pytest.approx(np.mean(s_ood <= threshold), abs=1e-9)
+        assert cell["energy_stats"]["id_below_m_in"] == pytest.approx(np.mean(s_id < -25.0))
+        assert 0.0 <= cell["id_accuracy"] <= 1.0
+    ce = [c for c in rep["cells"] if c["method"] == "ce"]
+    assert all(set(c["detectors"]) == {"msp"} for c in ce)
+    trained = [c for c in rep["cells"] if c["method"] != "ce"]
+    assert all(c["epochs"] == 1 and c["train_seconds"] > 0 for c in trained)
+    assert all("energy_active_id" in c["train_log"] for c in trained)  # mask fractions from the run's log
+
+
+def test_table_is_mean_and_std_of_the_seeds(report):
+    cfg, rep = report
+    on_disk = json.load(open(os.path.join(cfg.output, "results.json")))
+    assert on_disk["summary"] == rep["summary"]
+    for row, method in (("ce+energy-score", "ce"), ("greg+sio", "greg+sio")):
+        values = [c["ood"]["d89"]["fpr95"] for c in rep["cells"] if c["method"] == method]
+        stat = rep["summary"][row]["fpr95/d89"]
+        assert stat["n"] == 2
+        assert stat["mean"] == pytest.approx(np.mean(values))
+        assert stat["std"] == pytest.approx(np.std(values, ddof=1))
+    msp = [c["detectors"]["msp"]["ood"]["d89"]["auroc"] for c in rep["cells"] if c["method"] == "ce"]
+    assert rep["summary"]["ce+msp"]["auroc/d89"]["mean"] == pytest.approx(np.mean(msp))
+    table = open(os.path.join(cfg.output, "results.md")).read()
+    stat = rep["summary"]["greg+sio"]["fpr95/d89"]
+    assert f"| greg+sio | {stat['mean'] * 100:.2f} ± {stat['std'] * 100:.2f} |" in table
+    assert "ID is positive" in table and "Machine:" in table
+    for path in ("plots/energy_hist.png", "plots/roc.png"):
+        assert open(os.path.join(cfg.output, path), "rb").read(4) == b"\x89PNG"
+
+
+def test_summarize_on_made_up_cells():
+    cells = [{"method": "greg", "id_accuracy": a, "train_seconds": 10.0 * a, "ood": {"x": {"fpr95": f, "auroc": 1 - f}},
+              "average": {"fpr95": f, "auroc": 1 - f}} for a, f in ((0.9, 0.2), (0.8, 0.4), (0.7, 0.9))]
+    s = bench.summarize(cells, ["x"])["greg"]
+    assert s["fpr95/x"]["mean"] == pytest.approx(0.5)
+    assert s["fpr95/x"]["std"] == pytest.approx(np.std([0.2, 0.4, 0.9], ddof=1))
+    assert s["id_accuracy"]["mean"] == pytest.approx(0.8)
+    assert bench.mean_std([0.3]) == {"mean": 0.3, "std": 0.0, "n": 1}
+
+
+def test_rerun_skips_finished_cells_and_redoes_a_missing_one(report, monkeypatch):
+    cfg, rep = report
+    result_files = [os.path.join(bench.cell_dir(cfg, c["method"], c["seed"]), bench.RESULT_FILE) for c in rep["cells"]]
+    mtimes = {p: os.stat(p).st_mtime_ns for p in result_files}
+    trained = []
+    real = bench.run.run_training
+    monkeypatch.setattr(bench.run, "run_training", lambda rc: trained.append(rc.model_dir) or real(rc))
+    again = bench.run_bench(cfg)
+    assert trained == []
+    assert {p: os.stat(p).st_mtime_ns for p in result_files} == mtimes
+    assert again["summary"] == rep["summary"]
+    # a cell killed before its result file was written is run again (and only that one)
+    gone = bench.cell_dir(cfg, "greg+sio", 1)
+    os.remove(os.path.join(gone, bench.RESULT_FILE))
+    bench.run_bench(cfg)
+    assert trained == [gone]
+    assert os.path.exists(os.path.join(gone, bench.RESULT_FILE))
+
+
+def test_rerun_with_other_settings_is_refused(report):
+    cfg, _ = report
+    changed = _cfg({"id": cfg.id_data, "aux": cfg.aux_data, "syn": cfg.syn_data, "ood": cfg.ood["d89"],
+                    "init": cfg.init_checkpoint}, cfg.output, finetune_lr=0.5)
+    with pytest.raises(ConfigError, match="finished cell with other settings.*'lr'"):
+        bench.run_bench(changed)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(methods=["ce", "gerg"]), ConfigError, "unknown method 'gerg'"),
+    (dict(methods=["energy", "energy"]), ConfigError, "twice"),
+    (dict(seeds=0), ConfigError, "--seeds must be an integer >= 1. Received: seeds=0"),
+    (dict(finetune_epochs=0), ConfigError, "finetune_epochs"),
+    (dict(syn_data=None), ConfigError, "'greg\\+sio' trains with synthetic ID images: it needs --syn_data"),
+    (dict(methods=["energy"]), ConfigError, "add ce to --methods"),
+    (dict(methods=["ce", "energy"], aux_data=None), ConfigError, "needs --aux_data"),
+    (dict(detectors=["nope"]), ConfigError, "Unknown detector"),
+    (dict(budget_minutes=0), ConfigError, "budget_minutes"),
+    (dict(ood={}), ConfigError, "--ood needs at least one"),
+    (dict(method_flags={"greg_plus": {"m_in": -3.0}}), ConfigError, "not in --methods"),
+    (dict(method_flags={"*": {"m_in": -3.0, "m_out": -5.0}}), ConfigError, "m_in"),
+    (dict(method_flags={"greg": {"margin": 1}}), ConfigError, "Unknown method hyperparameters"),
+])
+def test_bad_settings_fail_before_any_work(sets, tmp_path, change, error, match):
+    out = str(tmp_path / "out")
+    with pytest.raises(error, match=match):
+        bench.run_bench(_cfg(sets, out, **change))
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("flag", ["id_data", "aux_data", "syn_data", "ood", "init_checkpoint"])
+def test_missing_directories_are_named(sets, tmp_path, flag):
+    missing = str(tmp_path / "missing")
+    value = {"d89": missing} if flag == "ood" else missing
+    with pytest.raises(DataError, match=missing):
+        bench.run_bench(_cfg(sets, str(tmp_path / "out"), **{flag: value}))
+
+
+def test_flag_parsers():
+    assert bench.parse_method_flags("greg:grad_weight=0.1,m_in=-12;*:m_out=-5") == {
+        "greg": {"grad_weight": 0.1, "m_in": -12}, "*": {"m_out": -5}}
+    assert bench.parse_key_values("width=8,name=x", "arch_kwargs") == {"width": 8, "name": "x"}
+    with pytest.raises(ConfigError, match="METHOD:key=value"):
+        bench.parse_method_flags("grad_weight=0.1")
+    cfg = bench.BenchConfig(id_data="i", aux_data="a", ood={}, output="o", methods=["greg", "greg+sio"],
+                            method_flags={"*": {"m_in": -9.0}, "greg": {"grad_weight": 0.5},
+                                          "greg+sio": {"grad_weight": 0.2}})
+    assert bench.method_overrides(cfg, "greg") == {"m_in": -9.0, "grad_weight": 0.5}
+    assert bench.method_overrides(cfg, "greg+sio") == {"m_in": -9.0, "grad_weight": 0.2}
+    assert bench.split_method("greg_plus+sio") == ("greg_plus", True)
+
+
+def test_budget_scales_epochs_down_never_up(sets, tmp_path, monkeypatch):
+    step = {"ce": 0.01, "energy": 0.02, "greg+sio": 0.04}
+    fake = {"methods": {m: {"step_seconds": t, "pipeline_batches_per_second": 100.0} for m, t in step.items()}}
+    monkeypatch.setattr(bench, "measure_speed", lambda cfg, methods, steps, reps: fake)
+    cfg = _cfg(sets, str(tmp_path / "o"), methods=["ce", "energy", "greg+sio"], init_checkpoint=None,
+               pretrain_epochs=40, finetune_epochs=20, steps_per_epoch=50, budget_minutes=5.0)
+    # seconds per step = step + 1/100 (pipeline); 2 seeds x (40 x 50 x 0.02 + 20 x 50 x (0.03 + 0.05))
+    train = 2 * (40 * 50 * 0.02 + 20 * 50 * (0.03 + 0.05))
+    overhead = 2 * 4 * bench.CELL_OVERHEAD_SECONDS
+    plan = bench.make_plan(cfg)
+    factor = (300.0 - overhead) / train
+    assert plan["estimate_seconds"] == pytest.approx(train + overhead, abs=0.1)
+    assert plan["pretrain_epochs"] == {"requested": 40, "used": int(40 * factor)}
+    assert plan["finetune_epochs"] == {"requested": 20, "used": max(1, int(20 * factor))}
+    table = bench.markdown({"settings": {"ood": {"d89": ""}, "id_data": "i", "aux_data": "a", "arch": "small_cnn",
+                                         "lr": 0.1, "finetune_lr": 0.01}, "plan": plan, "seeds_done": 2,
+                            "convention": "c", "machine": "m", "summary": {}})
+    assert f"epochs scaled down to fit (pretrain 40 -> {int(40 * factor)}, fine-tune 20 -> {int(20 * factor)}" in table
+    cfg.budget_minutes = 1000.0
+    plan = bench.make_plan(cfg)
+    assert plan["pretrain_epochs"]["used"] == 40 and plan["finetune_epochs"]["used"] == 20
+
+
+def test_speed_writes_ratios_to_ce(sets, tmp_path):
+    cfg = _cfg(sets, str(tmp_path / "speed"), methods=["energy", "greg"])
+    speed = bench.run_speed(cfg, steps=2, reps=2)
+    on_disk = json.load(open(os.path.join(cfg.output, "speed.json")))
+    assert set(on_disk["methods"]) == {"ce", "energy", "greg"}
+    ce = speed["methods"]["ce"]
+    assert ce["step_ratio"] == 1.0 and ce["pipeline_ratio"] == 1.0
+    for name in ("energy", "greg"):
+        m = speed["methods"][name]
+        ratios = np.array(m["step_seconds_per_rep"]) / np.array(ce["step_seconds_per_rep"])
+        assert m["step_ratio"] == pytest.approx(np.median(ratios))
+        assert m["images_per_batch"] == 32  # 16 ID + 16 auxiliary
+    assert ce["images_per_batch"] == 16
+    assert "| greg |" in open(os.path.join(cfg.output, "speed.md")).read()
+
+
+def test_cli_reports_bad_flags_clearly(sets, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kood.bench", f"--id_data={sets['id']}", f"--aux_data={sets['aux']}",
+                           f"--ood=d89={sets['ood']}", "--methods=ce,greg_pluss", f"--output={tmp_path / 'o'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "kood.bench: error: ConfigError: --methods: unknown method 'greg_pluss'" in proc.stderr
+
+
+def test_init_checkpoint_per_seed(sets, tmp_path):
+    only_seed0 = str(tmp_path / "init-{seed}.keras")
+    os.link(sets["init"], str(tmp_path / "init-0.keras"))
+    cfg = _cfg(sets, str(tmp_path / "out"), init_checkpoint=only_seed0)
+    with pytest.raises(DataError, match=r"init-1.keras \(seed 1\) does not exist"):
+        bench.run_bench(cfg)
+    assert bench.init_checkpoint(cfg, 0) == str(tmp_path / "init-0.keras")
