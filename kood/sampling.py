@@ -48,8 +48,11 @@ def _kmeans_pp_init(x: tf.Tensor, k: int, seed: tf.Tensor) -> tf.Tensor:
     n = tf.shape(x)[0]
     seeds = tf.random.experimental.stateless_split(seed, num=k)
     first = tf.random.stateless_uniform([], seeds[0], minval=0, maxval=n, dtype=tf.int32)
-    centers = tf.tensor_scatter_nd_update(tf.zeros([k, tf.shape(x)[1]], x.dtype), [[0]], x[first][None])
-    min_d2 = tf.reduce_sum(tf.square(x - x[first]), 1)
+    # tf.gather, not x[first]: XLA needs a strided slice's bounds at compile time, which made the seed
+    # a compile-time constant (a new XLA compilation, seconds, every step under jit_compile=True).
+    first_x = tf.gather(x, first[None])
+    centers = tf.tensor_scatter_nd_update(tf.zeros([k, tf.shape(x)[1]], x.dtype), [[0]], first_x)
+    min_d2 = tf.reduce_sum(tf.square(x - first_x), 1)
 
     def body(i, centers, min_d2):
         # All remaining points coincide with a center (k > distinct points): draw uniformly.
@@ -59,8 +62,9 @@ def _kmeans_pp_init(x: tf.Tensor, k: int, seed: tf.Tensor) -> tf.Tensor:
         # cannot compile (StatelessMultinomial), so `jit_compile=True` train steps work too.
         u = tf.random.stateless_uniform(tf.shape(logits), seeds[i], minval=1e-12, maxval=1.0)
         pick = tf.argmax(logits - tf.math.log(-tf.math.log(u)), output_type=tf.int32)
-        centers = tf.tensor_scatter_nd_update(centers, [[i]], x[pick][None])
-        return i + 1, centers, tf.minimum(min_d2, tf.reduce_sum(tf.square(x - x[pick]), 1))
+        pick_x = tf.gather(x, pick[None])
+        centers = tf.tensor_scatter_nd_update(centers, [[i]], pick_x)
+        return i + 1, centers, tf.minimum(min_d2, tf.reduce_sum(tf.square(x - pick_x), 1))
 
     _, centers, _ = tf.while_loop(lambda i, *_: i < k, body, (tf.constant(1), centers, min_d2))
     return centers
