@@ -57,11 +57,18 @@ _FEATURES = {
 # Building blocks
 
 
-def _shard_files(directory: str, manifest: Manifest, split: str) -> list[str]:
+def _shard_files(directory: str, manifest: Manifest, split: str,
+                 file_shard: tuple[int, int] | None = None) -> list[str]:
     files = manifest.shard_paths(directory, split)  # DataError naming the directory if no such split
     for path in files:
         if not os.path.isfile(path):
             raise DataError(f"{path}: shard listed in {directory}/manifest.json is missing")
+    if file_shard is not None:  # one input pipeline of several (multi-worker training): its files only
+        num, index = file_shard
+        if not 0 <= index < num or len(files) < num:
+            raise DataError(f"{directory}: split {split!r} has {len(files)} shard files, too few for input "
+                            f"pipeline {index} of {num}; reconvert it with at least {num} shards")
+        files = files[index::num]
     return files
 
 
@@ -245,7 +252,7 @@ def _reshape_images(x: tf.Tensor, shape, target, resize: str) -> tf.Tensor:
 
 def train_dataset(directory: str, *, batch_size: int, split: str = "train", augment: bool = True, seed: int = 0,
                   syn_directory: str | None = None, sio_ratio: float = 1.0, pad: int = 4,
-                  flip: bool = True) -> tuple[tf.data.Dataset, int]:
+                  flip: bool = True, file_shard: tuple[int, int] | None = None) -> tuple[tf.data.Dataset, int]:
     """Infinite shuffled training batches, optionally mixing in synthetic images (SIO).
 
     Every batch holds exactly `r = int(batch_size * sio_ratio)` real and `batch_size - r` synthetic
@@ -262,6 +269,8 @@ def train_dataset(directory: str, *, batch_size: int, split: str = "train", augm
         sio_ratio: alpha in (0, 1], the fraction of real images per batch (--sio_ratio).
         pad: zero padding of the random crop (0 = no crop).
         flip: random horizontal flip.
+        file_shard: `(num, index)`: read only shard files `index, index + num, ...` of the real and
+            synthetic sets (one worker's input pipeline in multi-worker training).
 
     Returns:
         `(dataset of (float32 images [B,H,W,C], int64 labels [B]), steps_per_epoch)` where
@@ -287,7 +296,7 @@ def train_dataset(directory: str, *, batch_size: int, split: str = "train", augm
 
     manifest = read_manifest(directory)
     _labelled(manifest, directory, "real")
-    files = _shard_files(directory, manifest, split)
+    files = _shard_files(directory, manifest, split, file_shard)
     steps_per_epoch = manifest.count(split) // num_real
     if steps_per_epoch == 0:
         raise DataError(f"{directory}: split {split!r} has {manifest.count(split)} images, fewer than the "
@@ -301,7 +310,7 @@ def train_dataset(directory: str, *, batch_size: int, split: str = "train", augm
     else:
         syn_manifest = read_manifest(syn_directory)
         _check_synthetic(directory, manifest, syn_directory, syn_manifest)
-        syn_files = _shard_files(syn_directory, syn_manifest, split)
+        syn_files = _shard_files(syn_directory, syn_manifest, split, file_shard)
         syn = _records(syn_files, shuffle=True, seed=seed + 1, buffer=TRAIN_SHUFFLE_BUFFER,
                        count=syn_manifest.count(split))
         syn = syn.map(_parser(syn_manifest, syn_directory, check_labels=True), num_parallel_calls=AUTOTUNE)
@@ -332,7 +341,8 @@ def _check_synthetic(directory: str, manifest: Manifest, syn_directory: str, syn
 
 def outlier_stream(directory: str, *, batch_size: int, split: str = "train", augment: bool = True, seed: int = 0,
                    image_shape: tuple[int, int, int] | None = None, pad: int = 4, flip: bool = True,
-                   shuffle_buffer: int = OUTLIER_SHUFFLE_BUFFER) -> tf.data.Dataset:
+                   shuffle_buffer: int = OUTLIER_SHUFFLE_BUFFER,
+                   file_shard: tuple[int, int] | None = None) -> tf.data.Dataset:
     """Infinite, shuffled batches of `float32 images [batch_size, H, W, C]` from an outlier set (labels dropped).
 
     Memory does not depend on the set's size: shards are read in a shuffled order, at most
@@ -348,6 +358,7 @@ def outlier_stream(directory: str, *, batch_size: int, split: str = "train", aug
         pad: zero padding of the random crop.
         flip: random horizontal flip.
         shuffle_buffer: records held for shuffling (bounds memory).
+        file_shard: `(num, index)`: read only shard files `index, index + num, ...`.
 
     Example:
         aux = outlier_stream("data/300k", batch_size=768, image_shape=(32, 32, 3))
@@ -360,7 +371,7 @@ def outlier_stream(directory: str, *, batch_size: int, split: str = "train", aug
     if image_shape is not None and tuple(int(d) for d in image_shape) != manifest.shape:
         raise DataError(f"{directory}: outlier images are {list(manifest.shape)} but the ID images are "
                         f"{list(image_shape)}; convert the outlier set to the ID size")
-    files = _shard_files(directory, manifest, split)
+    files = _shard_files(directory, manifest, split, file_shard)
     ds = _records(files, shuffle=True, seed=seed, buffer=shuffle_buffer, count=manifest.count(split))
     ds = ds.map(_parser(manifest, directory, check_labels=False), num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)

@@ -12,14 +12,16 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from kood import checkpoint, data, losses, metrics
+from kood import checkpoint, data, distribute, losses, metrics
 from kood.errors import ConfigError, DataError
 from kood.manifest import read_manifest
 from kood.methods import MethodConfig, method_config
@@ -56,7 +58,7 @@ class RunConfig:
     lr_gamma: float = 0.1
     epochs: int = 10
     steps_per_epoch: int = 0  # 0: real ID train images // real images per batch
-    batch_size: int = 64
+    batch_size: int = 64  # GLOBAL: split over the replicas of `strategy`
     augment: bool = True
     seed: int = 0
     init_checkpoint: str | None = None
@@ -64,6 +66,9 @@ class RunConfig:
     log_every: int = 10
     deterministic: bool = False
     jit_compile: bool = False
+    strategy: str = "auto"  # kood.distribute.STRATEGIES
+    tpu: str = ""  # TPU name or grpc:// address for strategy="tpu"
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (all replicas)
     verbose: int = 1
 
 
@@ -92,6 +97,8 @@ def validate(cfg: RunConfig) -> MethodConfig:
             raise ConfigError(f"--{name} must be >= 1. Received: {name}={getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise ConfigError(f"--lr must be > 0. Received: lr={cfg.lr}")
+    if cfg.strategy not in distribute.STRATEGIES:
+        raise ConfigError(f"--strategy must be one of {distribute.STRATEGIES}. Received: strategy={cfg.strategy!r}")
     return mcfg
 
 
@@ -114,14 +121,17 @@ def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> keras.optimizers.Opt
 def _run_signature(cfg: RunConfig) -> dict:
     """The parts of the config that must not change when a run is resumed."""
     sig = dataclasses.asdict(cfg)
-    for volatile in ("verbose", "log_every", "ood_data"):
+    # A run may resume on another device count (checkpoints hold plain, unreplicated values).
+    for volatile in ("verbose", "log_every", "ood_data", "strategy", "tpu"):
         sig.pop(volatile)
     sig["lr_milestones"] = list(sig["lr_milestones"])
     return sig
 
 
-def _check_model_dir(cfg: RunConfig) -> dict:
-    os.makedirs(cfg.model_dir, exist_ok=True)
+def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
+    """Compares the run's settings with `config.json` (written by the chief only: `write`)."""
+    if write:
+        os.makedirs(cfg.model_dir, exist_ok=True)
     path = os.path.join(cfg.model_dir, "config.json")
     sig = _run_signature(cfg)
     if os.path.exists(path):
@@ -131,7 +141,7 @@ def _check_model_dir(cfg: RunConfig) -> dict:
         if diff:
             raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with other settings "
                               f"(saved vs now: {diff}); use a new --model_dir to start another run")
-    else:
+    elif write:
         with open(path + ".tmp", "w") as f:
             json.dump(sig, f, indent=2)
         os.replace(path + ".tmp", path)
@@ -167,14 +177,28 @@ def _val_split(cfg: RunConfig, manifest) -> str | None:
     return None
 
 
-def _epoch_data(cfg: RunConfig, trainer: OODTrainer, epoch: int, aux_shape) -> tf.data.Dataset:
+def _epoch_data(cfg: RunConfig, trainer: OODTrainer, epoch: int, aux_shape, strategy: tf.distribute.Strategy,
+                num_workers: int = 1):
+    """One epoch's (ID, aux) batches. Several workers: one input pipeline each, on its own shard files."""
+    if num_workers == 1:  # the strategy splits every global batch over the local replicas
+        return _pipeline(cfg, trainer, epoch, aux_shape, cfg.batch_size)
+
+    def per_worker(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        return _pipeline(cfg, trainer, epoch, aux_shape, ctx.get_per_replica_batch_size(cfg.batch_size),
+                         (ctx.num_input_pipelines, ctx.input_pipeline_id))
+
+    return strategy.distribute_datasets_from_function(per_worker)
+
+
+def _pipeline(cfg: RunConfig, trainer: OODTrainer, epoch: int, aux_shape, batch_size: int,
+              file_shard: tuple[int, int] | None = None) -> tf.data.Dataset:
     seed = cfg.seed * 100_003 + epoch
-    id_ds, _ = data.train_dataset(cfg.id_data, batch_size=cfg.batch_size, augment=cfg.augment, seed=seed,
-                                  syn_directory=cfg.syn_data, sio_ratio=cfg.sio_ratio)
+    id_ds, _ = data.train_dataset(cfg.id_data, batch_size=batch_size, augment=cfg.augment, seed=seed,
+                                  syn_directory=cfg.syn_data, sio_ratio=cfg.sio_ratio, file_shard=file_shard)
     if not trainer.config.uses_aux:
         return id_ds
-    aux = data.outlier_stream(cfg.aux_data, batch_size=trainer.aux_batch_size(cfg.batch_size),
-                              augment=cfg.augment, seed=seed, image_shape=aux_shape)
+    aux = data.outlier_stream(cfg.aux_data, batch_size=trainer.aux_batch_size(batch_size), augment=cfg.augment,
+                              seed=seed, image_shape=aux_shape, file_shard=file_shard)
     return tf.data.Dataset.zip((id_ds, aux))
 
 
@@ -222,42 +246,72 @@ def _save_atomic(model: keras.Model, path: str) -> None:
 
 
 def run_training(cfg: RunConfig) -> dict:
-    """Trains (or resumes, or finds finished) the run in `cfg.model_dir`; returns final metrics."""
+    """Trains (or resumes, or finds finished) the run in `cfg.model_dir`; returns final metrics.
+
+    Model, optimizer and trainer are built under `cfg.strategy`'s scope (`kood.distribute`).
+    Only the chief writes into `model_dir`; other workers write to a temporary directory that
+    is deleted at the end, and every worker resumes from the chief's checkpoints (so with
+    several machines `model_dir` must be shared storage).
+    """
     mcfg = validate(cfg)
     manifest = read_manifest(cfg.id_data)
     if manifest.kind not in ("real", "synthetic"):
         raise DataError(f"--id_data={cfg.id_data} is a {manifest.kind!r} set; ID training data must be 'real'")
     if manifest.num_classes < 2:
         raise DataError(f"--id_data={cfg.id_data} has {manifest.num_classes} classes; a classifier needs >= 2")
+    inputs = {"id_data": (cfg.id_data, manifest)}
     for flag, directory in (("aux_data", cfg.aux_data if mcfg.uses_aux else None), ("syn_data", cfg.syn_data)):
         if directory:
-            other = read_manifest(directory)
-            if other.shape != manifest.shape:
-                raise DataError(f"--{flag}={directory} holds {other.shape} images, --id_data={cfg.id_data} holds "
+            other = inputs[flag] = (directory, read_manifest(directory))
+            if other[1].shape != manifest.shape:
+                raise DataError(f"--{flag}={directory} holds {other[1].shape} images, --id_data={cfg.id_data} holds "
                                 f"{manifest.shape}; convert them to the same size (data_prep --image_size)")
     for name, directory in cfg.ood_data.items():
         read_manifest(directory)
-    _check_model_dir(cfg)
-    if cfg.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(cfg.seed)
-
     real_per_batch = int(cfg.batch_size * cfg.sio_ratio)
     if real_per_batch < 1:
         raise ConfigError(f"--batch_size={cfg.batch_size} x --sio_ratio={cfg.sio_ratio} leaves no real image per batch")
-    steps = cfg.steps_per_epoch or max(1, manifest.count("train") // real_per_batch)
-    classifier = _build_classifier(cfg, manifest)
-    trainer = OODTrainer(classifier, mcfg, seed=cfg.seed)
-    optimizer = make_optimizer(cfg, steps)
-    trainer.compile(optimizer=optimizer, jit_compile=cfg.jit_compile)
 
-    ckpt_dir = os.path.join(cfg.model_dir, "ckpt")
-    state = {"epoch": 0, "best": None, "finished": False, "history": []}
-    latest = checkpoint.latest(ckpt_dir)
-    if latest:
-        state = checkpoint.restore(latest, classifier, optimizer)
-        print(f"Resuming {cfg.model_dir} from {latest} (epoch {state['epoch']}/{cfg.epochs})", file=sys.stderr)
+    strategy = distribute.make_strategy(cfg.strategy, cfg.tpu)
+    role = distribute.worker_role(strategy)
+    distribute.check_batch(cfg.batch_size, strategy.num_replicas_in_sync)
+    if role.num_workers > 1:
+        for flag, (directory, m) in inputs.items():
+            distribute.check_shards(directory, m, "train", role.num_workers, flag)
+    _check_model_dir(cfg, write=role.is_chief)
+    out_dir = cfg.model_dir if role.is_chief else tempfile.mkdtemp(prefix=f"kood-worker{role.task_id}-")
+    try:
+        results = _train_and_evaluate(cfg, mcfg, manifest, strategy, out_dir, role.num_workers)
+    finally:
+        if not role.is_chief:
+            shutil.rmtree(out_dir, ignore_errors=True)
+    return results
 
+
+def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: tf.distribute.Strategy,
+                        out_dir: str, num_workers: int) -> dict:
+    """The epoch loop; reads checkpoints from `cfg.model_dir`, writes everything into `out_dir`."""
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(cfg.seed)
+    steps = cfg.steps_per_epoch or max(1, manifest.count("train") // int(cfg.batch_size * cfg.sio_ratio))
+    with strategy.scope():
+        classifier = _build_classifier(cfg, manifest)
+        if cfg.sync_batchnorm:
+            distribute.synchronize_batchnorm(classifier)
+        trainer = OODTrainer(classifier, mcfg, seed=cfg.seed)
+        if mcfg.uses_aux:
+            distribute.check_batch(trainer.aux_batch_size(cfg.batch_size), strategy.num_replicas_in_sync,
+                                   "batch_size x aux_batch_factor (auxiliary batch)")
+        optimizer = make_optimizer(cfg, steps)
+        trainer.compile(optimizer=optimizer, jit_compile=cfg.jit_compile)
+        state = {"epoch": 0, "best": None, "finished": False, "history": []}
+        latest = checkpoint.latest(os.path.join(cfg.model_dir, "ckpt"))
+        if latest:
+            state = checkpoint.restore(latest, classifier, optimizer)
+            print(f"Resuming {cfg.model_dir} from {latest} (epoch {state['epoch']}/{cfg.epochs})", file=sys.stderr)
+
+    ckpt_dir = os.path.join(out_dir, "ckpt")
     val_split = _val_split(cfg, manifest)
     if state["epoch"] < cfg.epochs:
         probe_id = next(iter(data.eval_dataset(cfg.id_data, val_split or "train", batch_size=cfg.batch_size)))[0]
@@ -267,12 +321,12 @@ def run_training(cfg: RunConfig) -> dict:
                                                     batch_size=trainer.aux_batch_size(cfg.batch_size))))[0]
         hparams = {"method": cfg.method, "arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr,
                    "batch_size": cfg.batch_size, "epochs": cfg.epochs, "sio_ratio": cfg.sio_ratio, "seed": cfg.seed,
-                   **dataclasses.asdict(mcfg)}
-        logger = TensorBoardLogger(os.path.join(cfg.model_dir, "logs"), probe_id, probe_aux, hparams, cfg.log_every)
+                   "replicas": strategy.num_replicas_in_sync, **dataclasses.asdict(mcfg)}
+        logger = TensorBoardLogger(os.path.join(out_dir, "logs"), probe_id, probe_aux, hparams, cfg.log_every)
         guard = NanGuard()
         for epoch in range(state["epoch"], cfg.epochs):
             start = time.time()
-            trainer.fit(_epoch_data(cfg, trainer, epoch, manifest.shape), epochs=epoch + 1,
+            trainer.fit(_epoch_data(cfg, trainer, epoch, manifest.shape, strategy, num_workers), epochs=epoch + 1,
                         initial_epoch=epoch, steps_per_epoch=steps, callbacks=[guard, logger],
                         verbose=cfg.verbose if sys.stderr.isatty() or cfg.verbose == 0 else 2)
             if guard.failure:
@@ -281,14 +335,14 @@ def run_training(cfg: RunConfig) -> dict:
                     f"(epoch {state['epoch']}) is kept in {ckpt_dir}; lower --lr or the loss weights and rerun.")
             record = {"epoch": epoch + 1, "seconds": round(time.time() - start, 2)}
             if val_split:
-                val = trainer.evaluate(data.eval_dataset(cfg.id_data, val_split, batch_size=256), verbose=0,
-                                       return_dict=True)
+                val_data = distribute.no_sharding(data.eval_dataset(cfg.id_data, val_split, batch_size=256))
+                val = trainer.evaluate(val_data, verbose=0, return_dict=True)
                 record.update(val_accuracy=float(val["accuracy"]), val_ce=float(val["ce_loss"]))
-            _save_atomic(classifier, os.path.join(cfg.model_dir, "last.keras"))
+            _save_atomic(classifier, os.path.join(out_dir, "last.keras"))
             score = record.get("val_accuracy", -float(epoch))
             if val_split is None or state["best"] is None or score > state["best"]:
                 state["best"] = score if val_split else None
-                _save_atomic(classifier, os.path.join(cfg.model_dir, "best.keras"))
+                _save_atomic(classifier, os.path.join(out_dir, "best.keras"))
             state["epoch"] = epoch + 1
             state["history"].append(record)
             state["finished"] = state["epoch"] >= cfg.epochs
@@ -296,7 +350,8 @@ def run_training(cfg: RunConfig) -> dict:
 
     results = final_evaluation(classifier, cfg, mcfg, manifest)
     results["model_dir"] = cfg.model_dir
+    results["replicas"] = strategy.num_replicas_in_sync
     results["tensorboard"] = f"tensorboard --logdir {os.path.join(cfg.model_dir, 'logs')}"
-    with open(os.path.join(cfg.model_dir, "results.json"), "w") as f:
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results

@@ -11,6 +11,9 @@ Presets (`--method`) only set the method flags below (`--score_loss`,
 `--energy_weight`, `--m_in`, ...); a flag given explicitly wins over the preset.
 Experiments are flagfiles: `python -m kood.train --flagfile=flags/cifar10_resnet18_greg.cfg`.
 Rerunning the same command resumes from the last checkpoint in --model_dir.
+
+Several GPUs, machines or a TPU: `--strategy=mirrored|multi_worker|tpu` (docs/distributed.md).
+--batch_size is GLOBAL (split over the replicas), so results do not depend on the device count.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 
 from absl import app, flags
 
+from kood.distribute import STRATEGIES
 from kood.errors import ConfigError, DataError
 from kood.methods import METHODS, SAMPLERS, SCORE_LOSSES, GRAD_SPACES, MethodConfig
 from kood.run import OPTIMIZERS, SCHEDULES, RunConfig
@@ -72,10 +76,23 @@ flags.DEFINE_list("lr_milestones", [], "Multistep: epochs at which the lr is mul
 flags.DEFINE_float("lr_gamma", 0.1, "Multistep decay factor.")
 flags.DEFINE_integer("epochs", 10, "Epochs (an epoch = every real ID train image seen once).")
 flags.DEFINE_integer("steps_per_epoch", 0, "Override steps per epoch (0 = real train images // real images per batch).")
-flags.DEFINE_integer("batch_size", 64, "ID batch size B (global). Aux batch: B x aux_batch_factor, or pool_factor x B for GReg+.")
+flags.DEFINE_integer("batch_size", 64, "GLOBAL ID batch size B, split evenly over the replicas of --strategy "
+                     "(must be divisible by their number). Aux batch: B x aux_batch_factor, or pool_factor x B "
+                     "for GReg+ (each replica's sampler picks 2 x B/replicas from its own B/replicas x pool_factor).")
 flags.DEFINE_integer("seed", 0, "Random seed (weights, data order, sampler).")
 flags.DEFINE_boolean("deterministic", False, "Enable TF op determinism (bit-exact reruns and resumes; slower).")
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step.")
+
+# Distribution (docs/distributed.md).
+flags.DEFINE_enum("strategy", "auto", STRATEGIES,
+                  "tf.distribute strategy: auto (mirrored if >1 GPU, else one device), one_device, mirrored (all "
+                  "local GPUs, else all logical CPUs), multi_worker (several machines, reads TF_CONFIG; only the "
+                  "chief writes --model_dir, which must be shared storage), tpu (see --tpu).")
+flags.DEFINE_string("tpu", "", "--strategy=tpu: TPU name or grpc:// address for TPUClusterResolver ('' = local).")
+flags.DEFINE_boolean("sync_batchnorm", False, "BatchNorm statistics over the global batch (all replicas) instead of "
+                     "each replica's B/replicas images; costs two all-reduces per BatchNorm layer and step.")
+flags.DEFINE_integer("cpu_devices", 0, "Split the host CPU into this many logical devices (0 = off), so "
+                     "--strategy=mirrored can be tried without GPUs. Testing aid: it does not add compute.")
 
 # Run.
 flags.DEFINE_string("model_dir", None, "Run directory (checkpoints, logs, results). Default: kood_runs/<method>[-demo].")
@@ -113,7 +130,8 @@ def config_from_flags() -> RunConfig:
     values = {name: FLAGS[name].value for name in (
         "sio_ratio", "arch", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "min_lr",
         "lr_gamma", "epochs", "steps_per_epoch", "batch_size", "augment", "seed", "init_checkpoint", "val_split",
-        "log_every", "deterministic", "jit_compile", "verbose", "aux_data", "syn_data")}
+        "log_every", "deterministic", "jit_compile", "verbose", "aux_data", "syn_data", "strategy", "tpu",
+        "sync_batchnorm")}
     ood = _parse_kv(FLAGS.ood_data, "ood_data")
     id_data = FLAGS.id_data
     suffix = ""
@@ -147,12 +165,27 @@ def _demo_ready(root: str) -> bool:
     return all(os.path.exists(os.path.join(d, "manifest.json")) for d in _demo_dirs(root).values())
 
 
+def split_cpu(count: int) -> None:
+    """Splits the first CPU into `count` logical devices; must run before TensorFlow initializes."""
+    import tensorflow as tf
+
+    if count < 1:
+        raise ConfigError(f"--cpu_devices must be >= 1 (0 = off). Received: cpu_devices={count}")
+    try:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError as e:  # TensorFlow already initialized its devices
+        raise ConfigError(f"--cpu_devices={count}: {e}") from e
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from kood.run import format_results, run_training
 
     try:
+        if FLAGS.cpu_devices:
+            split_cpu(FLAGS.cpu_devices)
         cfg = config_from_flags()
         results = run_training(cfg)
     except (ConfigError, DataError, FloatingPointError) as e:

@@ -8,6 +8,13 @@ The step composes the small pure functions of `kood.losses` and `kood.sampling`:
    nested tape when the gradient penalty is on (double backprop);
 3. loss = CE(ID) + energy_weight * L_energy | oe_weight * L_oe + grad_weight * L_grad.
 
+Under a tf.distribute strategy with R replicas (docs/distributed.md) each replica runs this
+step on its B / R share of the global batch; the GReg+ sampler picks 2 x B / R outliers from
+the replica's own pool. Every loss term is a mean over the replica's samples, so the mean of
+the R replica losses is the global-batch loss: each replica differentiates loss / R and the
+optimizer sums the gradients over replicas. J is normalized by the global batch too (its
+per-sample input-gradients carry 1/B, not R/B).
+
 Example:
     trainer = OODTrainer(classifier, method_config("greg"))
     trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
@@ -51,9 +58,20 @@ class OODTrainer(keras.Model):
         # Per-channel factor turning a gradient w.r.t. the normalized input into one w.r.t. pixels.
         std = tf.sqrt(tf.cast(self.normalize.variance, tf.float32))
         self._pixel_scale = tf.reshape(1.0 / std, [-1])
+        # Every layer is already built (functional classifier): spares Keras the symbolic build it runs
+        # under a tf.distribute strategy, which would call the model on `(x_id, y_id)`.
+        self.built = True
 
     def call(self, images, training=False):
         return self.classifier(images, training=training)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras (3.15, TF backend) pulls a batch and all-reduces it here under any strategy before it
+        # checks whether anything needs building; with per-worker datasets under
+        # MultiWorkerMirroredStrategy that reduce fails. Only the optimizer can be unbuilt here.
+        if self.optimizer is not None and not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.classifier.trainable_variables)
 
     @property
     def metrics(self):
@@ -65,12 +83,18 @@ class OODTrainer(keras.Model):
             return self.config.pool_factor * batch_size
         return max(1, int(round(self.config.aux_batch_factor * batch_size)))
 
-    def select_outliers(self, pool: tf.Tensor, num_id: int) -> tf.Tensor:
-        """GReg+ sampling: indices of 2 x B_id candidates chosen by energy-based clustering."""
+    def select_outliers(self, pool: tf.Tensor, num_id: int, replica: tuple | None = None) -> tf.Tensor:
+        """GReg+ sampling: indices of 2 x B_id candidates chosen by energy-based clustering.
+
+        `replica` = (id, count) seeds the draw as that replica would (default: the current one).
+        """
         out = self.net(self.normalize(pool), training=False)
         features = tf.stop_gradient(out["features"])
         energies = tf.stop_gradient(losses.energy_score(out["logits"], self.config.temperature))
-        seed = tf.stack([tf.cast(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
+        # Replicas draw different K-means++ seeds; one device (replica 0 of 1) keeps [seed, step].
+        replica, num_replicas = replica or _replica()
+        step = tf.cast(self.optimizer.iterations, tf.int64) * num_replicas + tf.cast(replica, tf.int64)
+        seed = tf.stack([tf.cast(self.seed, tf.int64), step])
         return sampling.energy_cluster_sample(
             features, energies, num_select=2 * num_id, num_clusters=min(self.config.cluster_k, num_id),
             two_way=self.config.two_way, iters=self.config.kmeans_iters, seed=seed)
@@ -97,7 +121,8 @@ class OODTrainer(keras.Model):
             res = losses.score_gradient_penalty(self.net, x_norm, num_id, cfg.m_in, cfg.m_out,
                                                 temperature=cfg.temperature, training=training,
                                                 pixel_scale=pixel_scale)
-            logits, penalty = res["logits"], res["penalty"]
+            # mean ||dJ_r/dx|| over the replica's samples / R = the global-batch J's per-sample norms.
+            logits, penalty = res["logits"], res["penalty"] / _replica()[1]
         else:
             logits, penalty = self.net(x_norm, training=training)["logits"], tf.constant(0.0)
         logits = tf.cast(logits, tf.float32)
@@ -119,17 +144,21 @@ class OODTrainer(keras.Model):
         x_id, y_id, x_aux = self._unpack(data)
         if x_aux is not None and cfg.sampler == "energy_cluster":
             x_aux = tf.gather(x_aux, self.select_outliers(x_aux, int(x_id.shape[0])))
+        num_replicas = _replica()[1]
         with tf.GradientTape() as tape:
             terms = self.compute_losses(x_id, y_id, x_aux, training=True)
+            # The optimizer SUMS replica gradients (Keras does not scale a custom train_step's loss).
+            scaled = terms["loss"] / num_replicas if num_replicas > 1 else terms["loss"]
         variables = self.classifier.trainable_variables
-        grads = tape.gradient(terms["loss"], variables)
+        grads = tape.gradient(scaled, variables)
         self.optimizer.apply(grads, variables)
 
         num_id, cfg = terms["num_id"], self.config
         s_id, s_aux = terms["energies"][:num_id], terms["energies"][num_id:]
         values = {k: terms[k] for k in ("loss", "ce_loss", "energy_loss", "oe_loss", "grad_penalty")}
         values["accuracy"] = _accuracy(y_id, terms["logits"][:num_id])
-        values["weight_grad_norm"] = tf.linalg.global_norm(grads)
+        # Under R replicas: the norm of each replica's own (B / R batch) gradient, averaged over replicas.
+        values["weight_grad_norm"] = tf.linalg.global_norm(grads) * num_replicas
         values["energy_id"] = tf.reduce_mean(s_id)
         if cfg.uses_aux and x_aux is not None:
             active_id, active_aux = losses.energy_loss_masks(s_id, s_aux, cfg.m_in, cfg.m_out)
@@ -139,7 +168,7 @@ class OODTrainer(keras.Model):
                           grad_keep_id=_fraction(keep_id), grad_keep_aux=_fraction(keep_aux))
         for name, value in values.items():
             self.trackers[name].update_state(value)
-        return {name: self.trackers[name].result() for name in values}
+        return _step_outputs({name: self.trackers[name].result() for name in values})
 
     def test_step(self, data):
         x, y = data[:2] if isinstance(data, (tuple, list)) else (data, None)
@@ -148,7 +177,7 @@ class OODTrainer(keras.Model):
         self.trackers["ce_loss"].update_state(ce)
         self.trackers["accuracy"].update_state(_accuracy(y, logits))
         self.trackers["energy_id"].update_state(tf.reduce_mean(losses.energy_score(logits, self.config.temperature)))
-        return {n: self.trackers[n].result() for n in ("ce_loss", "accuracy", "energy_id")}
+        return _step_outputs({n: self.trackers[n].result() for n in ("ce_loss", "accuracy", "energy_id")})
 
     @tf.function
     def score_grad_norm(self, images: tf.Tensor) -> tf.Tensor:
@@ -161,6 +190,25 @@ class OODTrainer(keras.Model):
             total = tf.reduce_sum(losses.energy_score(self.net(x_norm, training=False)["logits"],
                                                       self.config.temperature))
         return losses.grad_norm_per_sample(tape.gradient(total, x_norm) * self._pixel_scale)
+
+
+def _replica() -> tuple:
+    """(replica id, replicas in sync) of the current replica context; (0, 1) outside one."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:  # cross-replica context, e.g. a callback calling the sampler
+        return 0, 1
+    return ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync
+
+
+def _step_outputs(results: dict) -> dict:
+    """Metric results as `fit` can reduce them.
+
+    Keras (3.15) reduces step outputs of a MultiWorkerMirroredStrategy with
+    `strategy.reduce("MEAN", v, axis=0)`, which rejects scalars: give it shape [1] (-> a scalar mean).
+    """
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {k: tf.reshape(v, [1]) for k, v in results.items()}
+    return results
 
 
 def _fraction(mask: tf.Tensor) -> tf.Tensor:

@@ -1,0 +1,339 @@
+"""kood.distribute and `--strategy`: TF_CONFIG checks, mirrored == one device, multi-worker runs and resumes.
+
+The CPU is split into two logical devices for MirroredStrategy; that must happen before
+TensorFlow initializes, so those runs happen in a fresh subprocess (this module's `__main__`).
+Multi-worker runs are two `python -m kood.train --strategy=multi_worker` processes on loopback.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from kood import distribute
+from kood.errors import ConfigError, DataError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Mirrored vs one device: the same math, summed in another order (two half-batch gradients
+# all-reduced vs one full-batch gradient; BatchNorm moments from two partial sums). float32
+# round-off (~1e-7 relative) grows over the 6 SGD steps, GReg's double backprop amplifying it
+# most; observed gaps are ~1e-7 relative, so 1e-4 leaves margin yet catches any real
+# difference (a missing 1/R loss scale would double every update; per-replica BatchNorm
+# moves the losses by 0.2-1% from the first step on, see the slow test below).
+LOSS_RTOL = 1e-4
+WEIGHT_ATOL = 1e-4
+
+
+def test_tf_config_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="TF_CONFIG.*not set"):
+        distribute.parse_tf_config(None)
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        distribute.parse_tf_config("{cluster:")
+    with pytest.raises(ConfigError, match='"cluster" object and a "task"'):
+        distribute.parse_tf_config(json.dumps({"cluster": {"worker": ["a:1"]}}))
+    with pytest.raises(ConfigError, match="host:port"):
+        distribute.parse_tf_config(json.dumps({"cluster": {"worker": ["nohost"]}, "task": {"type": "worker",
+                                                                                          "index": 0}}))
+    with pytest.raises(ConfigError, match="index into its list"):
+        distribute.parse_tf_config(json.dumps({"cluster": {"worker": ["a:1", "b:2"]},
+                                               "task": {"type": "worker", "index": 2}}))
+
+
+def test_tf_config_chief_is_worker_0_unless_the_cluster_has_a_chief():
+    workers = {"worker": ["a:1", "b:2", "c:3"]}
+    roles = [distribute.parse_tf_config(json.dumps({"cluster": workers, "task": {"type": "worker", "index": i}}))
+             for i in range(3)]
+    assert [r.is_chief for r in roles] == [True, False, False]
+    assert [r.task_id for r in roles] == [0, 1, 2] and {r.num_workers for r in roles} == {3}
+    cluster = {"chief": ["c:0"], "worker": ["a:1", "b:2"]}
+    chief = distribute.parse_tf_config(json.dumps({"cluster": cluster, "task": {"type": "chief", "index": 0}}))
+    worker0 = distribute.parse_tf_config(json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    assert chief.is_chief and not worker0.is_chief
+    assert (chief.task_id, worker0.task_id, worker0.num_workers) == (0, 1, 3)
+
+
+def test_batch_and_shard_checks(tmp_path):
+    distribute.check_batch(64, 4)
+    with pytest.raises(ConfigError, match="global batch.*divisible by the 3 replicas"):
+        distribute.check_batch(64, 3)
+    from kood.manifest import read_manifest
+    from kood.writer import write_arrays
+
+    images = np.zeros((10, 4, 4, 1), np.uint8)
+    write_arrays(str(tmp_path / "one"), {"train": (images, np.arange(10) % 2)}, num_classes=2)
+    with pytest.raises(DataError, match="1 shard file.*2 workers"):
+        distribute.check_shards(str(tmp_path / "one"), read_manifest(str(tmp_path / "one")), "train", 2, "id_data")
+
+
+def test_file_shards_split_the_files_between_pipelines(tmp_path):
+    from kood import data
+    from kood.manifest import read_manifest
+    from kood.writer import write_arrays
+
+    images = np.zeros((12, 4, 4, 1), np.uint8)
+    directory = str(tmp_path / "three")
+    write_arrays(directory, {"train": (images, np.arange(12) % 2)}, num_classes=2, num_shards=3)
+    manifest = read_manifest(directory)
+    parts = [data._shard_files(directory, manifest, "train", (2, i)) for i in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(manifest.shard_paths(directory, "train"))
+    assert not set(parts[0]) & set(parts[1])
+    with pytest.raises(DataError, match="3 shard files, too few for input pipeline 0 of 4"):
+        data._shard_files(directory, manifest, "train", (4, 0))
+
+
+def test_unknown_strategy_is_a_config_error(tmp_path):
+    from kood import run as run_lib
+
+    cfg = run_lib.RunConfig(model_dir=str(tmp_path), id_data=str(tmp_path), method="ce", strategy="gpus")
+    with pytest.raises(ConfigError, match="--strategy must be one of"):
+        run_lib.validate(cfg)
+    with pytest.raises(ConfigError, match="--strategy must be one of"):
+        distribute.make_strategy("gpus")
+
+
+def test_multi_worker_without_tf_config_and_tpu_without_a_tpu_are_config_errors(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="TF_CONFIG environment variable, which is not set"):
+        distribute.make_strategy("multi_worker")
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "ps", "index": 0}}')
+    with pytest.raises(ConfigError, match="task must name a job of the cluster"):
+        distribute.make_strategy("multi_worker")
+    with pytest.raises(ConfigError, match="--strategy=tpu: no TPU found"):  # this machine has none
+        distribute.make_strategy("tpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# MirroredStrategy over two logical CPUs vs one device (fresh subprocess: see `_compare_main`).
+
+
+def _subprocess(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", "tests.test_distribute", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _compare(method: str, root: str, sync_batchnorm: bool = True) -> dict:
+    out = os.path.join(root, f"{method}.json")
+    proc = _subprocess("compare", method, root, out, str(int(sync_batchnorm)))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+def _assert_same_trajectory(result: dict):
+    one, mirrored = np.array(result["one_device"]["losses"]), np.array(result["mirrored"]["losses"])
+    assert result["mirrored"]["replicas"] == 2 and result["one_device"]["replicas"] == 1
+    assert len(one) == len(mirrored) == 6, (one, mirrored)
+    np.testing.assert_allclose(mirrored, one, rtol=LOSS_RTOL)
+    assert result["max_weight_diff"] < WEIGHT_ATOL, result["max_weight_diff"]
+    assert result["max_weight_change"] > 100 * WEIGHT_ATOL  # the runs did move the weights
+
+
+def test_mirrored_matches_one_device_greg_plus(tmp_path):
+    """Per-replica sampler, double backprop and 1/R loss scaling in one ~20 s check."""
+    _assert_same_trajectory(_compare("greg_plus", str(tmp_path)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ce", "greg"])
+def test_mirrored_matches_one_device(method, tmp_path):
+    _assert_same_trajectory(_compare(method, str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_per_replica_batchnorm_differs_from_one_device(tmp_path):
+    """Without --sync_batchnorm each replica normalizes by its own B/2 images: another model."""
+    result = _compare("ce", str(tmp_path), sync_batchnorm=False)
+    one, mirrored = np.array(result["one_device"]["losses"]), np.array(result["mirrored"]["losses"])
+    assert one[0] == pytest.approx(mirrored[0], rel=5e-2)  # the same model and data...
+    assert np.max(np.abs(mirrored - one) / np.abs(one)) > 10 * LOSS_RTOL  # ...other batch statistics
+
+
+# ----------------------------------------------------------------------------------------------
+# Two workers on loopback.
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _multi_worker_sets(root: str) -> dict[str, str]:
+    """ID and aux sets with 2 shard files each (the workers split them by file)."""
+    from kood.writer import write_arrays
+    from tests.train_helpers import digits_arrays
+
+    dirs = {"id": os.path.join(root, "id"), "aux": os.path.join(root, "aux")}
+    x, y = digits_arrays([0, 1, 2, 3, 4])
+    write_arrays(dirs["id"], {"train": (x[:600], y[:600]), "test": (x[600:], y[600:])}, num_classes=5,
+                 num_shards=2)
+    xa, _ = digits_arrays([5, 6, 7])
+    write_arrays(dirs["aux"], {"train": (xa, -np.ones(len(xa), np.int64))}, kind="outlier", num_classes=0,
+                 num_shards=2)
+    return dirs
+
+
+def _start_workers(dirs, model_dir: str, tmp_root: str, epochs: int, tag: str) -> list[subprocess.Popen]:
+    ports = _free_ports(2)
+    procs = []
+    for index in range(2):
+        tmpdir = os.path.join(tmp_root, f"tmp{index}")
+        os.makedirs(tmpdir, exist_ok=True)
+        tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                     "task": {"type": "worker", "index": index}}
+        env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), TMPDIR=tmpdir, TF_CPP_MIN_LOG_LEVEL="2",
+                   PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        log = open(os.path.join(tmp_root, f"{tag}-worker{index}.log"), "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "kood.train", "--strategy=multi_worker", "--method=greg",
+             f"--id_data={dirs['id']}", f"--aux_data={dirs['aux']}", f"--model_dir={model_dir}",
+             f"--epochs={epochs}", "--steps_per_epoch=3", "--batch_size=16", "--lr=0.05", "--verbose=2"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    return procs
+
+
+def _wait(procs, tmp_root: str, tag: str, timeout: float = 600) -> None:
+    for index, proc in enumerate(procs):
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            code = "timeout"
+        with open(os.path.join(tmp_root, f"{tag}-worker{index}.log")) as f:
+            log = f.read()
+        assert code == 0, f"worker {index} exited with {code}:\n{log[-4000:]}"
+
+
+def _log(tmp_root: str, tag: str, index: int) -> str:
+    with open(os.path.join(tmp_root, f"{tag}-worker{index}.log")) as f:
+        return f.read()
+
+
+@pytest.mark.slow
+def test_two_workers_train_greg_and_only_the_chief_writes(tmp_path):
+    dirs = _multi_worker_sets(str(tmp_path / "data"))
+    model_dir = str(tmp_path / "run")
+    _wait(_start_workers(dirs, model_dir, str(tmp_path), epochs=2, tag="run"), str(tmp_path), "run")
+    with open(os.path.join(model_dir, "ckpt", "epoch-00002", "state.json")) as f:
+        state = json.load(f)
+    assert state["epoch"] == 2 and state["finished"] and len(state["history"]) == 2
+    assert sorted(os.listdir(os.path.join(model_dir, "ckpt"))) == ["epoch-00001", "epoch-00002", "latest"]
+    # One writer: one TensorBoard event file per log dir, nothing left in the other worker's temp dir.
+    for sub in ("train", "epoch"):
+        assert len(glob.glob(os.path.join(model_dir, "logs", sub, "events.out.tfevents.*"))) == 1
+    assert os.listdir(tmp_path / "tmp1") == [], os.listdir(tmp_path / "tmp1")
+    # Both workers took part: each logged the same epoch metrics (they are all-reduced).
+    lines = [[l for l in _log(str(tmp_path), "run", i).splitlines() if l.startswith("3/3")] for i in range(2)]
+    assert len(lines[0]) == 2 and [l.split(" - ", 3)[-1] for l in lines[0]] == [l.split(" - ", 3)[-1]
+                                                                                 for l in lines[1]]
+
+
+@pytest.mark.slow
+def test_multi_worker_run_resumes_after_a_worker_is_killed(tmp_path):
+    dirs = _multi_worker_sets(str(tmp_path / "data"))
+    model_dir = str(tmp_path / "run")
+    latest = os.path.join(model_dir, "ckpt", "latest")
+    procs = _start_workers(dirs, model_dir, str(tmp_path), epochs=4, tag="first")
+    deadline = time.time() + 600
+    while not os.path.exists(latest) and time.time() < deadline and procs[0].poll() is None:
+        time.sleep(0.2)
+    assert os.path.exists(latest), _log(str(tmp_path), "first", 0)[-4000:]
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait()
+    try:  # the chief cannot finish without its peer: it fails or blocks in a collective
+        procs[0].wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        procs[0].wait()
+    with open(latest) as f:
+        done = int(f.read().strip().split("-")[1])
+    assert 1 <= done < 4
+
+    _wait(_start_workers(dirs, model_dir, str(tmp_path), epochs=4, tag="second"), str(tmp_path), "second")
+    chief = _log(str(tmp_path), "second", 0)
+    assert f"from {os.path.join(model_dir, 'ckpt', f'epoch-{done:05d}')} (epoch {done}/4)" in chief, chief[-3000:]
+    with open(os.path.join(model_dir, "ckpt", "epoch-00004", "state.json")) as f:
+        state = json.load(f)
+    assert state["finished"] and [r["epoch"] for r in state["history"]] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------------------------
+# Subprocess entry point: `python -m tests.test_distribute compare METHOD ROOT OUT.json SYNC_BN(0|1)`.
+
+
+def _compare_main(method: str, root: str, out: str, sync_batchnorm: str = "1") -> None:
+    """Trains `method` on one device and on MirroredStrategy over two logical CPUs; writes losses."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+
+    from kood import run as run_lib
+    from kood.trainer import OODTrainer
+    from tests.train_helpers import make_digit_sets
+
+    class TwoReplicaSampler(OODTrainer):
+        """One device sampling as 2 replicas do: each half of the pool for its half of the ID batch."""
+
+        def select_outliers(self, pool, num_id, replica=None):
+            half = pool.shape[0] // 2
+            return tf.concat([super(TwoReplicaSampler, self).select_outliers(
+                pool[r * half:(r + 1) * half], num_id // 2, replica=(r, 2)) + r * half for r in range(2)], 0)
+
+    dirs = make_digit_sets(os.path.join(root, "data"))
+    result = {}
+    for name, strategy in (("one_device", "auto"), ("mirrored", "mirrored")):
+        run_lib.OODTrainer = TwoReplicaSampler if name == "one_device" else OODTrainer
+        cfg = run_lib.RunConfig(model_dir=os.path.join(root, name), id_data=dirs["id"], aux_data=dirs["aux"],
+                                method=method, epochs=2, steps_per_epoch=3, batch_size=16, lr=0.05,
+                                log_every=1, deterministic=True, sync_batchnorm=sync_batchnorm == "1", val_split="none",
+                                strategy=strategy, verbose=0)
+        replicas = run_lib.run_training(cfg)["replicas"]
+        model = keras.models.load_model(os.path.join(cfg.model_dir, "last.keras"))
+        result[name] = {"losses": _step_scalars(os.path.join(cfg.model_dir, "logs", "train"), "loss"),
+                        "weights": [w.tolist() for w in model.get_weights()],
+                        "replicas": replicas}
+    keras.utils.set_random_seed(cfg.seed)
+    initial = run_lib._build_classifier(cfg, run_lib.read_manifest(dirs["id"])).get_weights()
+    one, mirrored = (result[k].pop("weights") for k in ("one_device", "mirrored"))
+    result["max_weight_diff"] = max(float(np.max(np.abs(np.array(a) - np.array(b)))) for a, b in zip(one, mirrored))
+    result["max_weight_change"] = max(float(np.max(np.abs(np.array(a) - b))) for a, b in zip(one, initial))
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def _step_scalars(log_dir: str, tag: str) -> list[float]:
+    import tensorflow as tf
+
+    values = {}
+    for path in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return [values[k] for k in sorted(values)]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["compare"] or len(sys.argv) not in (5, 6):
+        sys.exit("usage: python -m tests.test_distribute compare METHOD ROOT OUT.json [SYNC_BN: 0|1]")
+    _compare_main(*sys.argv[2:])
