@@ -212,15 +212,13 @@ def validate(cfg: BenchConfig) -> None:
                               f"add ce to --methods. Received: methods={cfg.methods}")
     if not cfg.output:
         raise ConfigError("--output is required (the bench directory)")
-    read_manifest(cfg.id_data)
-    for flag, directory in (("aux_data", cfg.aux_data), ("syn_data", cfg.syn_data)):
-        if directory:
-            read_manifest(directory)
-    for name, directory in cfg.ood.items():
+    named = [("--id_data", cfg.id_data), ("--aux_data", cfg.aux_data), ("--syn_data", cfg.syn_data)]
+    for flag, directory in named + [(f"--ood set {name!r}", d) for name, d in cfg.ood.items()]:
         try:
-            read_manifest(directory)
+            if directory:
+                read_manifest(directory)
         except DataError as e:
-            raise DataError(f"--ood set {name!r}: {e}") from e
+            raise DataError(f"{flag}: {e}") from e
     for seed in range(cfg.seeds) if cfg.init_checkpoint else ():
         if not os.path.exists(init_checkpoint(cfg, seed)):
             raise DataError(f"--init_checkpoint={cfg.init_checkpoint}: {init_checkpoint(cfg, seed)} (seed {seed}) "
@@ -647,6 +645,37 @@ def markdown(report: dict) -> str:
             cells += [_pm(s[f"fpr95/{n}"]), _pm(s[f"auroc/{n}"])]
         cells += [_pm(s["id_accuracy"]), _pm(s["train_seconds"], 1.0, 0)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + ("\n" + margin_table(report["cells"]) if report.get("cells") else "")
+
+
+def margin_table(cells: list[dict]) -> str:
+    """Energies of each method's final model vs its margins, and the loss masks of its last epoch.
+
+    Shows whether m_in / m_out suit the data: e.g. a CE model whose ID energies all lie far above
+    m_in makes the energy loss act on every ID image and the GReg ID penalty on none.
+    """
+    lines = ["Energies vs margins (final model, mean over seeds; ID = ID test split, aux = first "
+             f"{AUX_STATS_LIMIT} auxiliary images). L_S active: fraction of the last epoch's ID / aux training "
+             "images inside the energy-loss hinge; the GReg gradient penalty acts on the rest.", "",
+             "| method | m_in / m_out | ID energy p5 / p50 / p95 | aux p50 | OOD p50 | ID < m_in | aux > m_out | "
+             "L_S active ID / aux |", "|---|---|---|---|---|---|---|---|"]
+    by_method: dict[str, list[dict]] = {}
+    for cell in cells:
+        by_method.setdefault(cell["method"], []).append(cell)
+    for name, cs in by_method.items():
+        stats = [c["energy_stats"] for c in cs]
+        mean = lambda get: float(np.mean([get(e) for e in stats]))  # noqa: E731
+        has_aux = all("aux" in e for e in stats)
+        logs = [c["train_log"] for c in cs]
+        active = (" / ".join(f"{np.mean([g[k] for g in logs]):.2f}" for k in ("energy_active_id", "energy_active_aux"))
+                  if all("energy_active_id" in g for g in logs) else "-")
+        row = [CE_ROW if name == "ce" else name, f"{stats[0]['m_in']:g} / {stats[0]['m_out']:g}",
+               " / ".join(f"{mean(lambda e: e['id'][q]):.1f}" for q in ("p5", "p50", "p95")),
+               f"{mean(lambda e: e['aux']['p50']):.1f}" if has_aux else "-",
+               ", ".join(f"{k} {mean(lambda e: e['ood'][k]['p50']):.1f}" for k in stats[0]["ood"]),
+               f"{mean(lambda e: e['id_below_m_in']):.2f}",
+               f"{mean(lambda e: e['aux']['above_m_out']):.2f}" if has_aux else "-", active]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 

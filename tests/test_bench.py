@@ -83,6 +83,9 @@ def test_table_is_mean_and_std_of_the_seeds(report):
     stat = rep["summary"]["greg+sio"]["fpr95/d89"]
     assert f"| greg+sio | {stat['mean'] * 100:.2f} ± {stat['std'] * 100:.2f} |" in table
     assert "ID is positive" in table and "Machine:" in table
+    e = [c["energy_stats"] for c in rep["cells"] if c["method"] == "greg+sio"]
+    p50 = np.mean([x["id"]["p50"] for x in e])
+    assert f"| greg+sio | -25 / -7 | " in table and f" / {p50:.1f} / " in table  # the margin table
     for path in ("plots/energy_hist.png", "plots/roc.png"):
         assert open(os.path.join(cfg.output, path), "rb").read(4) == b"\x89PNG"
 
@@ -150,7 +153,7 @@ def test_bad_settings_fail_before_any_work(sets, tmp_path, change, error, match)
 def test_missing_directories_are_named(sets, tmp_path, flag):
     missing = str(tmp_path / "missing")
     value = {"d89": missing} if flag == "ood" else missing
-    with pytest.raises(DataError, match=missing):
+    with pytest.raises(DataError, match=f"--{flag}.*{missing}"):
         bench.run_bench(_cfg(sets, str(tmp_path / "out"), **{flag: value}))
 
 
@@ -192,13 +195,13 @@ def test_budget_scales_epochs_down_never_up(sets, tmp_path, monkeypatch):
 
 
 def test_speed_writes_ratios_to_ce(sets, tmp_path):
-    cfg = _cfg(sets, str(tmp_path / "speed"), methods=["energy", "greg"])
+    cfg = _cfg(sets, str(tmp_path / "speed"), methods=["greg"], detectors=[])
     speed = bench.run_speed(cfg, steps=2, reps=2)
     on_disk = json.load(open(os.path.join(cfg.output, "speed.json")))
-    assert set(on_disk["methods"]) == {"ce", "energy", "greg"}
+    assert set(on_disk["methods"]) == {"ce", "greg"}
     ce = speed["methods"]["ce"]
     assert ce["step_ratio"] == 1.0 and ce["pipeline_ratio"] == 1.0
-    for name in ("energy", "greg"):
+    for name in ("greg",):
         m = speed["methods"][name]
         ratios = np.array(m["step_seconds_per_rep"]) / np.array(ce["step_seconds_per_rep"])
         assert m["step_ratio"] == pytest.approx(np.median(ratios))
