@@ -193,6 +193,8 @@ def _epoch_data(cfg: RunConfig, trainer: OODTrainer, epoch: int, aux_shape, stra
 def _pipeline(cfg: RunConfig, trainer: OODTrainer, epoch: int, aux_shape, batch_size: int,
               file_shard: tuple[int, int] | None = None) -> tf.data.Dataset:
     seed = cfg.seed * 100_003 + epoch
+    if file_shard:  # workers draw their own shuffles and augmentations
+        seed += 1_000_003 * file_shard[1]
     id_ds, _ = data.train_dataset(cfg.id_data, batch_size=batch_size, augment=cfg.augment, seed=seed,
                                   syn_directory=cfg.syn_data, sio_ratio=cfg.sio_ratio, file_shard=file_shard)
     if not trainer.config.uses_aux:
@@ -278,6 +280,10 @@ def run_training(cfg: RunConfig) -> dict:
     if role.num_workers > 1:
         for flag, (directory, m) in inputs.items():
             distribute.check_shards(directory, m, "train", role.num_workers, flag)
+    if cfg.strategy != "auto" or strategy.num_replicas_in_sync > 1:
+        print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replica(s) of global batch "
+              f"{cfg.batch_size}; worker {role.task_id} of {role.num_workers}"
+              f"{' (chief)' if role.is_chief else ' (writes to a temporary directory)'}", file=sys.stderr)
     _check_model_dir(cfg, write=role.is_chief)
     out_dir = cfg.model_dir if role.is_chief else tempfile.mkdtemp(prefix=f"kood-worker{role.task_id}-")
     try:

@@ -22,6 +22,7 @@ import dataclasses
 import os
 import sys
 
+import tensorflow as tf
 from absl import app, flags
 
 from kood.distribute import STRATEGIES
@@ -167,8 +168,6 @@ def _demo_ready(root: str) -> bool:
 
 def split_cpu(count: int) -> None:
     """Splits the first CPU into `count` logical devices; must run before TensorFlow initializes."""
-    import tensorflow as tf
-
     if count < 1:
         raise ConfigError(f"--cpu_devices must be >= 1 (0 = off). Received: cpu_devices={count}")
     try:
@@ -191,6 +190,10 @@ def main(argv):
     except (ConfigError, DataError, FloatingPointError) as e:
         print(f"kood.train: error: {e}", file=sys.stderr)
         return 2
+    except tf.errors.UnavailableError as e:  # multi-worker: a peer died (no heartbeat) or is unreachable
+        print(f"kood.train: error: lost another worker of the run ({e.message.splitlines()[0]}). Rerun the same "
+              f"command on every worker: the run resumes from the last checkpoint in --model_dir.", file=sys.stderr)
+        return 3
     print(format_results(results))
     print(f"Model: {os.path.join(cfg.model_dir, 'best.keras')}")
     print(f"TensorBoard: {results['tensorboard']}")

@@ -204,7 +204,8 @@ def _step_outputs(results: dict) -> dict:
     """Metric results as `fit` can reduce them.
 
     Keras (3.15) reduces step outputs of a MultiWorkerMirroredStrategy with
-    `strategy.reduce("MEAN", v, axis=0)`, which rejects scalars: give it shape [1] (-> a scalar mean).
+    `strategy.reduce("MEAN", v, axis=0)`, which rejects scalars (tensorflow/tensorflow#72388):
+    give it shape [1] (-> a scalar mean).
     """
     if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
         return {k: tf.reshape(v, [1]) for k, v in results.items()}

@@ -258,11 +258,9 @@ def test_multi_worker_run_resumes_after_a_worker_is_killed(tmp_path):
     assert os.path.exists(latest), _log(str(tmp_path), "first", 0)[-4000:]
     procs[1].send_signal(signal.SIGKILL)
     procs[1].wait()
-    try:  # the chief cannot finish without its peer: it fails or blocks in a collective
-        procs[0].wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        procs[0].kill()
-        procs[0].wait()
+    # The chief's collectives fail once the peer stops sending heartbeats (observed: ~15 s).
+    assert procs[0].wait(timeout=300) == 3
+    assert "lost another worker of the run" in _log(str(tmp_path), "first", 0)
     with open(latest) as f:
         done = int(f.read().strip().split("-")[1])
     assert 1 <= done < 4
