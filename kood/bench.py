@@ -461,14 +461,20 @@ def _signature(rc: RunConfig, extra: dict | None = None) -> dict:
     return json.loads(json.dumps({**sig, **(extra or {})}))
 
 
-def _finished(directory: str, signature: dict) -> dict | None:
-    """The cell's result if it finished with these settings; ConfigError if it finished with others."""
+def _finished(directory: str, signature: dict, trained: bool = True) -> dict | None:
+    """The cell's result if it finished with these settings, else None.
+
+    A trained cell finished with other settings is a ConfigError (its model would not match); an
+    evaluation-only cell (`ce`) is simply evaluated again.
+    """
     path = os.path.join(directory, RESULT_FILE)
     if not os.path.exists(path):
         return None
     with open(path) as f:
         result = json.load(f)
     if result.get("settings") != signature:
+        if not trained:
+            return None
         old = result.get("settings") or {}
         diff = {k: (old.get(k), v) for k, v in signature.items() if old.get(k) != v}
         raise ConfigError(f"{path} is a finished cell with other settings (saved vs now: {diff}); "
@@ -532,7 +538,7 @@ def _run_cell(cfg: BenchConfig, rc: RunConfig | None, directory: str, name: str,
         run.run_training(rc)
         train_seconds = time.time() - start
     base, _ = split_method(name)
-    mcfg = method_config("ce" if name == "ce" else base, **({} if name == "ce" else method_overrides(cfg, name)))
+    mcfg = method_config(base, **method_overrides(cfg, name))  # ce: margins only feed its energy statistics
     result, scores = _evaluate_cell(cfg, model_file, mcfg, detectors)
     result.update(method=name, seed=seed, train_seconds=train_seconds,
                   epochs=rc.epochs if rc else None, train_log=_train_log(directory) if rc else {},
@@ -761,11 +767,12 @@ def run_bench(cfg: BenchConfig) -> dict:
             if name == "ce":
                 rc = None
                 sig = {"init": os.path.abspath(init), "pretrain": _signature(pretrain_config(cfg, seed, pre_epochs))
-                       if not cfg.init_checkpoint else None, "detectors": list(cfg.detectors)}
+                       if not cfg.init_checkpoint else None, "detectors": list(cfg.detectors),
+                       "method_flags": method_overrides(cfg, "ce")}
             else:
                 rc = run_config(cfg, name, seed, fine_epochs, init)
                 sig = _signature(rc)
-            done = _finished(directory, sig)
+            done = _finished(directory, sig, trained=rc is not None)
             if done is not None:
                 print(f"{label}: finished earlier, skipped", file=sys.stderr)
                 cells.append(done)

@@ -225,3 +225,16 @@ def test_init_checkpoint_per_seed(sets, tmp_path):
     with pytest.raises(DataError, match=r"init-1.keras \(seed 1\) does not exist"):
         bench.run_bench(cfg)
     assert bench.init_checkpoint(cfg, 0) == str(tmp_path / "init-0.keras")
+
+
+def test_ce_cell_is_reevaluated_when_its_settings_change(report):
+    cfg, rep = report
+    path = os.path.join(bench.cell_dir(cfg, "ce", 0), bench.RESULT_FILE)
+    before = os.stat(path).st_mtime_ns
+    changed = bench.BenchConfig(**{**vars(cfg), "method_flags": {"*": {"m_in": -9.0, "m_out": -2.0}}})
+    with pytest.raises(ConfigError, match="finished cell with other settings"):
+        bench.run_bench(changed)  # the trained greg+sio cell was trained with other margins
+    after = json.load(open(path))
+    assert os.stat(path).st_mtime_ns != before
+    assert after["energy_stats"]["m_in"] == -9.0
+    assert after["ood"] == next(c for c in rep["cells"] if c["method"] == "ce" and c["seed"] == 0)["ood"]
