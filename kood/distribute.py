@@ -134,19 +134,12 @@ def check_batch(batch_size: int, num_replicas: int, flag: str = "batch_size") ->
 
 
 def check_shards(directory: str, manifest: Manifest, split: str, num_workers: int, flag: str) -> None:
-    """Workers split a set by shard file (AutoShardPolicy.FILE): each needs at least one shard."""
+    """Workers split a set by shard file (each reads files i, i + W, ...): each needs at least one."""
     shards = len(manifest.split(split, directory)["shards"])
     if shards < num_workers:
         raise DataError(f"--{flag}={directory}: split {split!r} has {shards} shard file(s) but {num_workers} "
                         f"workers read it by file; reconvert it with at least {num_workers} shards "
                         f"(data_prep --num_shards, ideally a multiple of the workers)")
-
-
-def no_sharding(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """Evaluation data: every worker reads the whole (small) set; metrics stay exact averages."""
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return dataset.with_options(options)
 
 
 def synchronize_batchnorm(model: keras.Model) -> int:
@@ -156,7 +149,7 @@ def synchronize_batchnorm(model: keras.Model) -> int:
     (a no-op outside a strategy). Costs two all-reduces per BatchNorm layer and step.
     """
     count = 0
-    for layer in model._flatten_layers(include_self=False):
+    for layer in model._flatten_layers(include_self=False):  # also inside nested models (densenet121)
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
             count += 1

@@ -236,6 +236,14 @@ def test_two_workers_train_greg_and_only_the_chief_writes(tmp_path):
         state = json.load(f)
     assert state["epoch"] == 2 and state["finished"] and len(state["history"]) == 2
     assert sorted(os.listdir(os.path.join(model_dir, "ckpt"))) == ["epoch-00001", "epoch-00002", "latest"]
+    # The recorded validation accuracy is that of the saved model on the whole test split.
+    import keras
+
+    from kood import data
+    model = keras.models.load_model(os.path.join(model_dir, "last.keras"))
+    pairs = [(np.argmax(model(x, training=False), -1), y.numpy()) for x, y in data.eval_dataset(dirs["id"], "test")]
+    accuracy = np.mean(np.concatenate([p == y for p, y in pairs]))
+    assert state["history"][-1]["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
     # One writer: one TensorBoard event file per log dir, nothing left in the other worker's temp dir.
     for sub in ("train", "epoch"):
         assert len(glob.glob(os.path.join(model_dir, "logs", sub, "events.out.tfevents.*"))) == 1
