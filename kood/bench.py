@@ -289,7 +289,8 @@ def _train_pipeline(cfg: BenchConfig, name: str, trainer, seed: int = 0):
     return tf.data.Dataset.zip((id_ds, aux))
 
 
-def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: int = 5) -> dict:
+def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: int = 5,
+                  pipeline_batches: int = 100) -> dict:
     """Step time and input-pipeline throughput of each method, and their ratios to plain CE.
 
     Every method gets its own model and trainer in this process. The step time is measured on
@@ -300,8 +301,9 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
     Args:
         cfg: the bench settings (data, arch, batch size, method flags).
         methods: method names; `ce` is added as the reference.
-        steps: train steps (and pipeline batches) per timing.
+        steps: train steps per step timing.
         reps: repetitions.
+        pipeline_batches: batches per pipeline timing (enough that the prefetch buffer does not count).
 
     Returns:
         `{"methods": {name: {"step_seconds", "step_ratio", "pipeline_batches_per_second",
@@ -314,11 +316,12 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
 
     from kood.trainer import OODTrainer
 
-    if steps < 1 or reps < 1:
-        raise ConfigError(f"speed measurement needs steps >= 1 and reps >= 1. Received: steps={steps}, reps={reps}")
+    if min(steps, reps, pipeline_batches) < 1:
+        raise ConfigError(f"speed measurement needs steps, reps and pipeline_batches >= 1. Received: steps={steps}, "
+                          f"reps={reps}, pipeline_batches={pipeline_batches}")
     names = ["ce"] + [m for m in methods if m != "ce"]
     manifest = read_manifest(cfg.id_data)
-    trainers, fixed, pipes, images_per_batch = {}, {}, {}, {}
+    trainers, fixed, images_per_batch = {}, {}, {}
     for name in names:
         base, _ = split_method(name)
         keras.utils.set_random_seed(0)
@@ -326,8 +329,7 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
                                  mean=manifest.mean, std=manifest.std, **cfg.arch_kwargs)
         trainer = OODTrainer(model, method_config(base, **method_overrides(cfg, name)), seed=0)
         trainer.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9))
-        pipes[name] = iter(_train_pipeline(cfg, name, trainer))
-        batch = next(pipes[name])
+        batch = next(iter(_train_pipeline(cfg, name, trainer)))
         images_per_batch[name] = sum(int(t.shape[0]) for t in tf.nest.flatten(batch) if t.shape.rank == 4)
         fixed[name] = tf.data.Dataset.from_tensors(batch).repeat()
         trainer.fit(fixed[name], epochs=1, steps_per_epoch=2, verbose=0)  # trace + compile
@@ -337,14 +339,20 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
     with Progress("speed", total=reps * len(names), unit="timing") as bar:
         for rep in range(reps):
             order = names[rep % len(names):] + names[: rep % len(names)]
-            for name in order:
+            for name in order:  # no input pipeline is alive here: its prefetch threads would share the CPU
                 start = time.perf_counter()
                 trainers[name].fit(fixed[name], epochs=1, steps_per_epoch=steps, verbose=0)
                 step_times[name].append((time.perf_counter() - start) / steps)
+            for name in order:
+                # a fresh iterator, warmed by one batch (shuffle buffer filled), then pipeline_batches timed:
+                # an iterator kept alive between timings would prefetch while others are timed
+                batches = iter(_train_pipeline(cfg, name, trainers[name], seed=rep))
+                next(batches)
                 start = time.perf_counter()
-                for _ in range(steps):
-                    next(pipes[name])
-                pipe_times[name].append((time.perf_counter() - start) / steps)
+                for _ in range(pipeline_batches):
+                    next(batches)
+                pipe_times[name].append((time.perf_counter() - start) / pipeline_batches)
+                del batches
                 bar.update(1)
     out = {}
     for name in names:
@@ -357,16 +365,17 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
             "images_per_batch": images_per_batch[name],
             "step_seconds_per_rep": step_times[name], "pipeline_seconds_per_rep": pipe_times[name],
         }
-    return {"methods": out, "steps": steps, "reps": reps, "batch_size": cfg.batch_size, "arch": cfg.arch,
-            "machine": machine()}
+    return {"methods": out, "steps": steps, "reps": reps, "pipeline_batches": pipeline_batches,
+            "batch_size": cfg.batch_size, "arch": cfg.arch, "machine": machine()}
 
 
 def speed_markdown(speed: dict) -> str:
     lines = [f"# kood.bench --speed ({speed['arch']}, batch {speed['batch_size']}, {speed['steps']} steps x "
              f"{speed['reps']} interleaved repetitions)", "",
              f"Machine: {speed['machine']}", "",
-             "Step time: one train step on a fixed in-memory batch (compute only). Pipeline: the method's tf.data "
-             "input alone (images per batch include auxiliary / candidate-pool images). Ratios: median over "
+             "Step time: one train step on a fixed in-memory batch (compute only, no input pipeline running). "
+             f"Pipeline: the method's tf.data input alone, {speed['pipeline_batches']} batches from a fresh "
+             "iterator (images per batch include auxiliary / candidate-pool images). Ratios: median over "
              "repetitions of method / CE in the same repetition (> 1 = slower than CE).", "",
              "| method | step (ms) | step / CE | pipeline batches/s | pipeline images/s | pipeline time / CE |",
              "|---|---|---|---|---|---|"]
@@ -377,10 +386,10 @@ def speed_markdown(speed: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_speed(cfg: BenchConfig, steps: int = 20, reps: int = 5) -> dict:
+def run_speed(cfg: BenchConfig, steps: int = 20, reps: int = 5, pipeline_batches: int = 100) -> dict:
     """`--speed`: measures and writes OUTPUT/speed.json and speed.md."""
     validate(cfg)
-    speed = measure_speed(cfg, cfg.methods, steps, reps)
+    speed = measure_speed(cfg, cfg.methods, steps, reps, pipeline_batches)
     os.makedirs(cfg.output, exist_ok=True)
     _atomic_write(os.path.join(cfg.output, "speed.md"), speed_markdown(speed))
     _atomic_write(os.path.join(cfg.output, "speed.json"), json.dumps(speed, indent=2) + "\n")
@@ -405,7 +414,7 @@ def make_plan(cfg: BenchConfig) -> dict:
         return plan
     trained = [m for m in cfg.methods if m != "ce"]
     print("budget: timing a few steps per method ...", file=sys.stderr)
-    speed = measure_speed(cfg, trained, steps=5, reps=2)["methods"]
+    speed = measure_speed(cfg, trained, steps=5, reps=2, pipeline_batches=20)["methods"]
 
     def seconds(name):
         m = speed[name]
@@ -822,6 +831,7 @@ def define_flags() -> None:
     flags.DEFINE_boolean("speed", False, "Only measure step time and pipeline throughput per method vs CE.")
     flags.DEFINE_integer("speed_steps", 20, "--speed: steps per timing.")
     flags.DEFINE_integer("speed_reps", 5, "--speed: interleaved repetitions.")
+    flags.DEFINE_integer("speed_pipeline_batches", 100, "--speed: input batches per pipeline timing.")
     flags.DEFINE_string("output", None, "Output directory (resumable: a rerun skips finished cells).")
     flags.DEFINE_integer("batch_size", 64, "ID batch size.")
     flags.DEFINE_float("lr", 0.1, "Peak learning rate of CE pretraining (cosine schedule).")

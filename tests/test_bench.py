@@ -174,7 +174,7 @@ def test_flag_parsers():
 def test_budget_scales_epochs_down_never_up(sets, tmp_path, monkeypatch):
     step = {"ce": 0.01, "energy": 0.02, "greg+sio": 0.04}
     fake = {"methods": {m: {"step_seconds": t, "pipeline_batches_per_second": 100.0} for m, t in step.items()}}
-    monkeypatch.setattr(bench, "measure_speed", lambda cfg, methods, steps, reps: fake)
+    monkeypatch.setattr(bench, "measure_speed", lambda cfg, methods, steps, reps, pipeline_batches: fake)
     cfg = _cfg(sets, str(tmp_path / "o"), methods=["ce", "energy", "greg+sio"], init_checkpoint=None,
                pretrain_epochs=40, finetune_epochs=20, steps_per_epoch=50, budget_minutes=5.0)
     # seconds per step = step + 1/100 (pipeline); 2 seeds x (40 x 50 x 0.02 + 20 x 50 x (0.03 + 0.05))
@@ -196,7 +196,7 @@ def test_budget_scales_epochs_down_never_up(sets, tmp_path, monkeypatch):
 
 def test_speed_writes_ratios_to_ce(sets, tmp_path):
     cfg = _cfg(sets, str(tmp_path / "speed"), methods=["greg"], detectors=[])
-    speed = bench.run_speed(cfg, steps=2, reps=2)
+    speed = bench.run_speed(cfg, steps=2, reps=2, pipeline_batches=3)
     on_disk = json.load(open(os.path.join(cfg.output, "speed.json")))
     assert set(on_disk["methods"]) == {"ce", "greg"}
     ce = speed["methods"]["ce"]
