@@ -2,7 +2,8 @@
 # Real-data comparison table (docs/bench_grayscale28.md): ID = MNIST (8000 train / 2000 test),
 # auxiliary outliers = KMNIST (10000), held-out OOD = Fashion-MNIST (900), synthetic ID = a GMM
 # generator (data_prep.synthesize) fit on the MNIST train split. small_cnn, 3 seeds. Then the same
-# bench with margins adapted to this data (from the same pretrained models) and a --speed run.
+# bench with margins adapted to this data and with a smaller lambda_S (from the same pretrained
+# models), an SIO check, and a --speed run.
 # --noaugment: the default random crop + horizontal flip would mirror digits (a flipped digit is
 # not an MNIST digit, and the energy loss would pull such images to low energy).
 #
@@ -60,6 +61,20 @@ python -m kood.bench \
   --pretrain_epochs=8 --finetune_epochs=5 --batch_size=64 --lr=0.05 --finetune_lr=0.01 --noaugment \
   --method_flags='*:m_in=-12,m_out=-4' \
   --output="$WORK/bench_margins" "$@"
+
+# Follow-up: default margins with a 10x smaller energy-loss weight (lambda_S = 0.01).
+python -m kood.bench \
+  --id_data="$DATA/mnist" --aux_data="$DATA/kmnist" --ood="fashion=$DATA/fashion" \
+  --methods=ce,energy,greg --seeds=3 --arch=small_cnn \
+  --init_checkpoint="$WORK/bench/pretrain/seed-{seed}/last.keras" \
+  --pretrain_epochs=8 --finetune_epochs=5 --batch_size=64 --lr=0.05 --finetune_lr=0.01 --noaugment \
+  --method_flags='*:energy_weight=0.01' --output="$WORK/bench_lambda" "$@"
+
+# SIO check: energy of the synthetic images vs the ID test split under greg and greg+sio (seed 0).
+for m in greg greg+sio; do
+  python -m kood.evaluate --model_dir="$WORK/bench/runs/$m/seed-0/last.keras" --id_data="$DATA/mnist" \
+    --ood=synthetic="$DATA/mnist_syn" --ood_split=train --detectors=energy --output="$WORK/syn_eval/$m"
+done
 
 # Step time and input-pipeline throughput per method as ratios to CE (same process, interleaved).
 python -m kood.bench \
