@@ -161,6 +161,33 @@ def part_functions(trainer: OODTrainer, batch_size: int, rng: np.random.Generato
     }
 
 
+def print_op_profile(trace_dir: str, title: str, top: int = 12, steps: int = 3) -> None:
+    """Op time per step by op type from the newest tf.profiler trace in `trace_dir` (no TensorBoard needed)."""
+    import collections
+    import glob
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    path = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.xplane.pb")))[-1]
+    space = xplane_pb2.XSpace()
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    times, counts = collections.Counter(), collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):  # the executor's op events
+                continue
+            for event in line.events:
+                op_type = plane.event_metadata[event.metadata_id].name.rsplit(":", 1)[-1]
+                if op_type != "Process":  # the executor's own span, it contains the ops
+                    times[op_type] += event.duration_ps / 1e9 / steps
+                    counts[op_type] += 1
+    total = sum(times.values())
+    print(f"\nop time per step, {title}: {total:.1f} ms (summed over threads)\n\n| op type | ms | % | ops |\n|---|---|---|---|")
+    for op_type, ms in times.most_common(top):
+        print(f"| {op_type} | {ms:.1f} | {100 * ms / total:.0f} | {counts[op_type] // steps} |")
+
+
 def _warm(runners: dict, count: int) -> None:
     for run in runners.values():
         for _ in range(count):
@@ -177,6 +204,8 @@ def _report(title: str, per_round: dict[str, list[float]]) -> dict[str, float]:
 
 def main(argv):
     del argv
+    sys.stdout.reconfigure(line_buffering=True)  # results appear as they come, also through a pipe
+    tf.get_logger().setLevel("ERROR")  # one train function per method: Keras' retracing warning is expected
     if FLAGS.threads:
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
     for name in FLAGS.methods + FLAGS.extra:
@@ -209,6 +238,7 @@ def main(argv):
                 for _ in range(3):
                     run()
                 tf.profiler.experimental.stop()
+                print_op_profile(os.path.join(FLAGS.trace_dir, f"{arch}_{method}"), f"{arch} {method}")
             print(f"profiler traces: tensorboard --logdir {FLAGS.trace_dir}")
         if FLAGS.parts:
             tr = trainers.get("greg_plus") or OODTrainer(trainers[FLAGS.methods[0]].classifier,
