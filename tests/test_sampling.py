@@ -95,6 +95,18 @@ def test_energy_cluster_sample_picks_extremes_of_each_blob():
     assert len(set(idx)) == 16
 
 
+def test_energy_cluster_sample_compiles_with_xla():
+    # train steps compiled with jit_compile=True run the sampler under XLA (no StatelessMultinomial there).
+    per = 12
+    x, truth = blobs(5, per, dim=6, seed=8)
+    energies = np.random.default_rng(8).normal(0, 1, len(x)).astype("float32")
+    sample = tf.function(lambda s: sampling.energy_cluster_sample(x, energies, num_select=16, num_clusters=5,
+                                                                  seed=s), jit_compile=True)
+    for step in range(2):
+        idx = sample(tf.constant([3, step], tf.int64)).numpy()
+        assert _reference_picks(truth, energies, 5, two_way=True) <= set(idx) and len(set(idx)) == 16
+
+
 def test_energy_cluster_sample_in_tf_function_on_the_train_step_pool():
     feats = tf.random.stateless_normal([384, 32], [1, 2])
     energies = tf.random.stateless_normal([384], [3, 4])
