@@ -429,7 +429,10 @@ def make_plan(cfg: BenchConfig) -> dict:
     factor = min(1.0, max(0.0, budget - overhead) / train) if train > 0 else 1.0
     for key in ("pretrain_epochs", "finetune_epochs"):
         plan[key]["used"] = max(1, int(plan[key]["requested"] * factor))
+    used = cfg.seeds * (pre * plan["pretrain_epochs"]["used"] / cfg.pretrain_epochs
+                        + fine * plan["finetune_epochs"]["used"] / cfg.finetune_epochs) + overhead
     plan.update(estimate_seconds=round(train + overhead, 1), scale=round(factor, 4),
+                estimate_used_seconds=round(used, 1), fits=used <= budget,
                 step_seconds={m: round(seconds(m), 5) for m in speed})
     return plan
 
@@ -464,10 +467,10 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _signature(rc: RunConfig, extra: dict | None = None) -> dict:
+def _signature(rc: RunConfig) -> dict:
+    """The run settings a finished cell must match (JSON-normalised, as stored)."""
     sig = {k: v for k, v in dataclasses.asdict(rc).items() if k not in ("verbose", "log_every", "ood_data")}
-    sig["lr_milestones"] = list(sig["lr_milestones"])
-    return json.loads(json.dumps({**sig, **(extra or {})}))
+    return json.loads(json.dumps(sig))
 
 
 def _finished(directory: str, signature: dict, trained: bool = True) -> dict | None:
@@ -650,8 +653,9 @@ def markdown(report: dict) -> str:
         lines.append(f"Budget: --budget_minutes={plan['budget_minutes']}: " + (
             f"epochs scaled down to fit (pretrain {plan['pretrain_epochs']['requested']} -> "
             f"{plan['pretrain_epochs']['used']}, fine-tune {plan['finetune_epochs']['requested']} -> "
-            f"{plan['finetune_epochs']['used']}; estimate {plan['estimate_seconds']:.0f} s before scaling)."
-            if scaled else "the requested epochs fit; not scaled."))
+            f"{plan['finetune_epochs']['used']}; estimate {plan['estimate_seconds']:.0f} s before scaling, "
+            f"{plan['estimate_used_seconds']:.0f} s after)." if scaled else "the requested epochs fit; not scaled.")
+            + ("" if plan["fits"] else " Even 1 epoch each does not fit the budget: the bench runs over it."))
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * sum(h.count("|") + 1 for h in head)]
     for row, s in report["summary"].items():
         cells = [row]

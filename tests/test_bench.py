@@ -185,6 +185,7 @@ def test_budget_scales_epochs_down_never_up(sets, tmp_path, monkeypatch):
     assert plan["estimate_seconds"] == pytest.approx(train + overhead, abs=0.1)
     assert plan["pretrain_epochs"] == {"requested": 40, "used": int(40 * factor)}
     assert plan["finetune_epochs"] == {"requested": 20, "used": max(1, int(20 * factor))}
+    assert plan["fits"] and plan["estimate_used_seconds"] <= 300.0
     table = bench.markdown({"settings": {"ood": {"d89": ""}, "id_data": "i", "aux_data": "a", "arch": "small_cnn",
                                          "lr": 0.1, "finetune_lr": 0.01}, "plan": plan, "seeds_done": 2,
                             "convention": "c", "machine": "m", "summary": {}})
@@ -192,6 +193,9 @@ def test_budget_scales_epochs_down_never_up(sets, tmp_path, monkeypatch):
     cfg.budget_minutes = 1000.0
     plan = bench.make_plan(cfg)
     assert plan["pretrain_epochs"]["used"] == 40 and plan["finetune_epochs"]["used"] == 20
+    cfg.budget_minutes = 2.0  # less than the per-cell overhead: 1 epoch each, and the table says it does not fit
+    plan = bench.make_plan(cfg)
+    assert plan["pretrain_epochs"]["used"] == 1 and plan["finetune_epochs"]["used"] == 1 and not plan["fits"]
 
 
 def test_speed_writes_ratios_to_ce(sets, tmp_path):
