@@ -54,6 +54,7 @@ flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step (trainer.
 flags.DEFINE_string("trace_dir", "", "If set, write a tf.profiler trace of a few steps per method here "
                     "(open with TensorBoard's profile plugin).")
 flags.DEFINE_integer("threads", 0, "TF intra-op threads (0 = TF default).")
+flags.DEFINE_integer("inter_threads", 0, "TF inter-op threads (0 = TF default).")
 FLAGS = flags.FLAGS
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -208,13 +209,16 @@ def main(argv):
     tf.get_logger().setLevel("ERROR")  # one train function per method: Keras' retracing warning is expected
     if FLAGS.threads:
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+    if FLAGS.inter_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_threads)
     for name in FLAGS.methods + FLAGS.extra:
         if name not in VARIANTS:
             method_config(name)  # an unknown method is a ConfigError before any work
     b = FLAGS.batch_size
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
           f"load avg {os.getloadavg()[0]:.2f}, TF {tf.__version__}, Keras {keras.__version__}, "
-          f"jit_compile={FLAGS.jit_compile}, intra-op threads={FLAGS.threads or 'default'}")
+          f"jit_compile={FLAGS.jit_compile}, intra-op threads={FLAGS.threads or 'default'}, "
+          f"inter-op threads={FLAGS.inter_threads or 'default'}")
     print(f"ID batch {b}, images {IMAGE_SHAPE}, {FLAGS.reps} rounds x {FLAGS.steps} steps, methods interleaved")
     for arch in FLAGS.archs:
         rng = np.random.default_rng(0)
