@@ -62,6 +62,14 @@ python -m kood.bench \
   --method_flags='*:m_in=-12,m_out=-4' \
   --output="$WORK/bench_margins" "$@"
 
+# Follow-up: the adapted margins with 10 fine-tuning epochs instead of 5.
+python -m kood.bench \
+  --id_data="$DATA/mnist" --aux_data="$DATA/kmnist" --ood="fashion=$DATA/fashion" \
+  --methods=ce,energy,greg --seeds=3 --arch=small_cnn \
+  --init_checkpoint="$WORK/bench/pretrain/seed-{seed}/last.keras" \
+  --pretrain_epochs=8 --finetune_epochs=10 --batch_size=64 --lr=0.05 --finetune_lr=0.01 --noaugment \
+  --method_flags='*:m_in=-12,m_out=-4' --output="$WORK/bench_margins10" "$@"
+
 # Follow-up: default margins with a 10x smaller energy-loss weight (lambda_S = 0.01).
 python -m kood.bench \
   --id_data="$DATA/mnist" --aux_data="$DATA/kmnist" --ood="fashion=$DATA/fashion" \
@@ -75,6 +83,12 @@ for m in greg greg+sio; do
   python -m kood.evaluate --model_dir="$WORK/bench/runs/$m/seed-0/last.keras" --id_data="$DATA/mnist" \
     --ood=synthetic="$DATA/mnist_syn" --ood_split=train --detectors=energy --output="$WORK/syn_eval/$m"
 done
+
+# --budget_minutes example: one seed, epochs scaled down to fit 3 minutes.
+python -m kood.bench \
+  --id_data="$DATA/mnist" --aux_data="$DATA/kmnist" --ood="fashion=$DATA/fashion" \
+  --methods=ce,energy,greg --seeds=1 --arch=small_cnn --pretrain_epochs=8 --finetune_epochs=5 \
+  --batch_size=64 --lr=0.05 --finetune_lr=0.01 --noaugment --budget_minutes=3 --output="$WORK/bench_budget"
 
 # Step time and input-pipeline throughput per method as ratios to CE (same process, interleaved).
 python -m kood.bench \
