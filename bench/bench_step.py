@@ -16,7 +16,7 @@ the sampler (L2-normalize + k-means + per-cluster pick) on the pool's features.
 
 Usage:
     TF_CPP_MIN_LOG_LEVEL=2 python bench/bench_step.py [--archs=small_cnn,wrn40_2] [--reps=7] [--steps=5]
-        [--parts] [--jit_compile] [--extra=greg_aux2] [--trace_dir=/tmp/trace]
+        [--parts] [--jit_compile] [--extra=greg_aux2] [--trace_dir=/tmp/trace] [--bn=fused,keras]
 """
 
 from __future__ import annotations
@@ -39,12 +39,16 @@ from absl import app, flags  # noqa: E402
 from kood import losses, sampling  # noqa: E402
 from kood.methods import method_config  # noqa: E402
 from kood.models import build_classifier  # noqa: E402
+from kood.models.layers import use_batchnorm  # noqa: E402
 from kood.trainer import OODTrainer  # noqa: E402
 
 flags.DEFINE_list("archs", ["small_cnn", "wrn40_2"], "Architectures (kood.models registry).")
 flags.DEFINE_list("methods", ["ce", "energy", "greg", "greg_plus"], "Methods (kood.methods presets).")
 flags.DEFINE_list("extra", [], "Extra variants: greg_aux2 (greg with a 2 x B random auxiliary batch, the same "
                   "number of trained outliers as greg_plus).")
+flags.DEFINE_list("bn", ["fused"], "BatchNorm of the architectures: fused (kood.models.layers.FusedBatchNorm, the "
+                  "default), keras (keras.layers.BatchNormalization), or both (fused,keras: each method runs with "
+                  "each, interleaved in the same rounds, named method[bn]).")
 flags.DEFINE_integer("batch_size", 64, "ID batch size B.")
 flags.DEFINE_integer("reps", 7, "Timed rounds (the median is reported).")
 flags.DEFINE_integer("steps", 5, "Steps per method per round.")
@@ -62,12 +66,13 @@ NUM_CLASSES = 10
 VARIANTS = {"greg_aux2": ("greg", dict(aux_batch_factor=2.0))}
 
 
-def _make_trainer(arch: str, method: str, batch_size: int, rng: np.random.Generator):
+def _make_trainer(arch: str, method: str, batch_size: int, rng: np.random.Generator, bn: str = "fused"):
     """A compiled OODTrainer and its compiled train function + a data iterator (in-memory batch)."""
     preset, overrides = VARIANTS.get(method, (method, {}))
     keras.utils.set_random_seed(0)
-    classifier = build_classifier(arch, input_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES,
-                                  mean=[125.0] * 3, std=[63.0] * 3)
+    with use_batchnorm(bn):
+        classifier = build_classifier(arch, input_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES,
+                                      mean=[125.0] * 3, std=[63.0] * 3)
     trainer = OODTrainer(classifier, method_config(preset, **overrides), seed=0)
     trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), jit_compile=FLAGS.jit_compile)
     x_id = rng.integers(0, 256, (batch_size, *IMAGE_SHAPE)).astype(np.float32)
@@ -214,6 +219,9 @@ def main(argv):
     for name in FLAGS.methods + FLAGS.extra:
         if name not in VARIANTS:
             method_config(name)  # an unknown method is a ConfigError before any work
+    for bn in FLAGS.bn:
+        with use_batchnorm(bn):  # an unknown kind is a ConfigError before any work
+            pass
     b = FLAGS.batch_size
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
           f"load avg {os.getloadavg()[0]:.2f}, TF {tf.__version__}, Keras {keras.__version__}, "
@@ -223,19 +231,28 @@ def main(argv):
     for arch in FLAGS.archs:
         rng = np.random.default_rng(0)
         trainers, runners = {}, {}
-        for method in FLAGS.methods + FLAGS.extra:
-            trainers[method], runners[method] = _make_trainer(arch, method, b, rng)
-        params = trainers[FLAGS.methods[0]].classifier.count_params()
+        for bn in FLAGS.bn:
+            for method in FLAGS.methods + FLAGS.extra:
+                name = method if len(FLAGS.bn) == 1 else f"{method}[{bn}]"
+                trainers[name], runners[name] = _make_trainer(arch, method, b, rng, bn)
+        params = next(iter(trainers.values())).classifier.count_params()
         start = time.perf_counter()
         _warm(runners, 1 + FLAGS.warmup)
         print(f"\n## {arch} ({params:,} params; tracing + warm-up {time.perf_counter() - start:.0f} s)")
         medians = _report("train step (OODTrainer, compiled train function)",
                           time_steps(runners, FLAGS.reps, FLAGS.steps))
-        for num, den, target in (("greg", "energy", 2.2), ("greg_plus", "greg", 1.3),
-                                 ("greg_plus", "greg_aux2", None), ("energy", "ce", None)):
-            if num in medians and den in medians:
-                verdict = "" if target is None else f" (target <= {target}: {'met' if medians[num] / medians[den] <= target else 'MISSED'})"
-                print(f"{num} / {den} = {medians[num] / medians[den]:.2f}{verdict}")
+        tags = [""] if len(FLAGS.bn) == 1 else [f"[{bn}]" for bn in FLAGS.bn]
+        for tag in tags:
+            for num, den, target in (("greg", "energy", 2.2), ("greg_plus", "greg", 1.3),
+                                     ("greg_plus", "greg_aux2", None), ("energy", "ce", None)):
+                num, den = num + tag, den + tag
+                if num in medians and den in medians:
+                    verdict = "" if target is None else f" (target <= {target}: {'met' if medians[num] / medians[den] <= target else 'MISSED'})"
+                    print(f"{num} / {den} = {medians[num] / medians[den]:.2f}{verdict}")
+        if len(FLAGS.bn) == 2:
+            first, second = FLAGS.bn
+            for method in FLAGS.methods + FLAGS.extra:
+                print(f"{method}: {second} / {first} = {medians[f'{method}[{second}]'] / medians[f'{method}[{first}]']:.2f}")
         if FLAGS.trace_dir:
             for method, run in runners.items():
                 tf.profiler.experimental.start(os.path.join(FLAGS.trace_dir, f"{arch}_{method}"))
@@ -245,9 +262,11 @@ def main(argv):
                 print_op_profile(os.path.join(FLAGS.trace_dir, f"{arch}_{method}"), f"{arch} {method}")
             print(f"profiler traces: tensorboard --logdir {FLAGS.trace_dir}")
         if FLAGS.parts:
-            tr = trainers.get("greg_plus") or OODTrainer(trainers[FLAGS.methods[0]].classifier,
-                                                         method_config("greg_plus"))
-            parts = part_functions(tr, b, rng)
+            parts = {}
+            for tag in tags:
+                tr = trainers.get("greg_plus" + tag) or OODTrainer(trainers[FLAGS.methods[0] + tag].classifier,
+                                                                   method_config("greg_plus"))
+                parts.update({name + tag: fn for name, fn in part_functions(tr, b, rng).items()})
             _warm(parts, 1 + FLAGS.warmup)
             _report("parts of a step (each its own tf.function)", time_steps(parts, FLAGS.reps, FLAGS.steps))
 
