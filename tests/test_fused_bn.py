@@ -42,9 +42,11 @@ def _first_and_second(layer, x, w, training):
             inner.watch(x)
             y = layer(x, training=training)
             score = tf.reduce_sum(tf.sin(y) * w)
-        gx, g_gamma = inner.gradient(score, [x, layer.gamma])
-        # As in losses.grad_norm_per_sample: the norm of each sample's input gradient.
-        penalty = tf.reduce_sum(tf.sqrt(tf.reduce_sum(tf.square(gx), axis=[1, 2, 3])))
+        gx, g_gamma, g_beta = inner.gradient(score, [x, layer.gamma, layer.beta])
+        # As in losses.grad_norm_per_sample: the norm of each sample's input gradient; plus terms on the
+        # weight gradients (a penalty on those also differentiates them again).
+        penalty = (tf.reduce_sum(tf.sqrt(tf.reduce_sum(tf.square(gx), axis=[1, 2, 3])))
+                   + tf.reduce_sum(tf.sin(g_gamma)) + 0.1 * tf.reduce_sum(tf.square(g_beta)))
     second = outer.gradient(penalty, [layer.gamma, layer.beta, x])
     return [y, gx, g_gamma] + second
 
@@ -79,11 +81,14 @@ def test_training_second_derivative_in_x_is_exact():
     g = tf.constant(rng.normal(size=SHAPE).astype("float32"))
     direction = rng.normal(size=SHAPE)
 
-    def first(layer, x):  # <g, dx>, dx = the BN backward of dy at x
+    h_gamma = tf.constant(rng.normal(size=4).astype("float32"))
+
+    def first(layer, x):  # <g, dx> + <h_gamma, dgamma>: the BN backward of dy at x
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = layer(x, training=True)
-        return tf.reduce_sum(g * tape.gradient(y, x, output_gradients=dy))
+        dx, dgamma = tape.gradient(y, [x, layer.gamma], output_gradients=dy)
+        return tf.reduce_sum(g * dx) + tf.reduce_sum(h_gamma * dgamma)
 
     def second_along(layer):
         with tf.GradientTape() as tape:
@@ -100,7 +105,7 @@ def test_training_second_derivative_in_x_is_exact():
         xhat = (x - mean) * rstd
         d = dy.numpy().astype(np.float64)
         dx = gamma * rstd * (d - d.mean(axis=(0, 1, 2)) - xhat * (d * xhat).mean(axis=(0, 1, 2)))
-        return np.sum(g.numpy() * dx)
+        return np.sum(g.numpy() * dx) + np.sum(h_gamma.numpy() * (d * xhat).sum(axis=(0, 1, 2)))
 
     x64, h = x.numpy().astype(np.float64), 1e-5
     numeric = (first64(x64 + h * direction) - first64(x64 - h * direction)) / (2 * h)

@@ -52,22 +52,29 @@ def _batch_norm_train(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: 
 
         @tf.custom_gradient
         def backward(dy, x, gamma):
-            def double_backward(g, g_gamma, g_beta):
-                # dx = gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat)) is linear and symmetric
-                # in dy, so d<g, dx>/d dy is the same fused map applied to g. The x-derivative (through
-                # xhat and rstd) and the gamma-derivative are the closed forms of that expression.
-                xhat = (x - mean) * rstd
-                a, b = tf.reduce_mean(dy, _AXES), tf.reduce_mean(dy * xhat, _AXES)
-                c, mg = tf.reduce_mean(g * xhat, _AXES), tf.reduce_mean(g, _AXES)
-                mgdy = tf.reduce_mean(g * dy, _AXES)
-                dy_centered = dy - a
-                g_dy = fused_grad(g, gamma)[0] + g_gamma * xhat + g_beta
-                g_x = (gamma * rstd * rstd) * (-(mgdy - a * mg - 3.0 * b * c) * xhat - c * dy_centered
-                                                - b * (g - mg)) + (g_gamma * rstd) * (dy_centered - b * xhat)
-                g_g = rstd * count * (mgdy - a * mg - b * c)
-                return g_dy, g_x, g_g
+            dx, dgamma, dbeta = fused_grad(dy, gamma)
+            a, b = dbeta / count, dgamma / count  # mean(dy), mean(dy * xhat), xhat = (x - mean) * rstd
 
-            return fused_grad(dy, gamma), double_backward
+            def double_backward(g, g_gamma, g_beta):
+                # dx = gamma * rstd * (dy - a - xhat * b) is linear and symmetric in dy, so the gradient
+                # w.r.t. dy is the same fused map applied to g; it also returns sum(g * xhat) and sum(g).
+                # The x-derivative (through xhat, rstd and b) and the gamma-derivative are the closed forms
+                # of that expression, collected into per-channel coefficients so that only a few
+                # elementwise ops run over the activations (xhat * v = rstd * v * x - rstd * v * mean).
+                g_dy, g_xhat_sum, g_sum = fused_grad(g, gamma)
+                c, mg = g_xhat_sum / count, g_sum / count
+                mgdy = tf.reduce_mean(g * dy, _AXES)
+                k = mgdy - a * mg - b * c
+                gr2 = gamma * rstd * rstd
+                coef_xhat = -gr2 * (k - 2.0 * b * c) - g_gamma * rstd * b
+                coef_dy = -gr2 * c + g_gamma * rstd
+                coef_g = -gr2 * b
+                shift = gr2 * (c * a + b * mg) - g_gamma * rstd * a - coef_xhat * rstd * mean
+                g_x = (coef_xhat * rstd) * x + coef_dy * dy + coef_g * g + shift
+                g_dy = g_dy + (g_gamma * rstd) * x + (g_beta - g_gamma * rstd * mean)
+                return g_dy, g_x, rstd * count * k
+
+            return (dx, dgamma, dbeta), double_backward
 
         def grad(dy, unused_dmean, unused_dvariance):
             # The batch statistics only feed the moving averages: no gradient flows through them.
