@@ -85,3 +85,19 @@ def report(manifest, out: str) -> None:
     splits = ", ".join(f"{name}={info['count']}" for name, info in manifest.splits.items())
     print(f"{out}: kind={manifest.kind} image_shape={manifest.image_shape} "
           f"num_classes={manifest.num_classes} encoding={manifest.encoding} {splits}")
+
+
+def convert_main(argv) -> None:
+    """`main` of the plain conversion CLIs (real, outliers): convert `--source` into `--out`."""
+    from absl import app
+
+    from kood.convert import convert
+    from kood.errors import ConfigError, DataError
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        manifest = convert(FLAGS.source, FLAGS.out, **conversion_kwargs())
+    except (ConfigError, DataError) as e:
+        raise SystemExit(f"error: {e}")
+    report(manifest, FLAGS.out)

@@ -5,22 +5,12 @@ r"""Convert an auxiliary outlier set (unlabelled; e.g. 300K RandomImages) to a k
 
 from absl import app
 
-from data_prep._common import FLAGS, conversion_kwargs, define_conversion_flags, report
+from data_prep._common import convert_main, define_conversion_flags
 
 define_conversion_flags("outlier", ["outlier", "ood"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from kood.convert import convert
-    from kood.errors import ConfigError, DataError
-
-    try:
-        manifest = convert(FLAGS.source, FLAGS.out, **conversion_kwargs())
-    except (ConfigError, DataError) as e:
-        raise SystemExit(f"error: {e}")
-    report(manifest, FLAGS.out)
+main = convert_main
 
 
 if __name__ == "__main__":
