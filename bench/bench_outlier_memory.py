@@ -43,6 +43,16 @@ def make_npy(path: str, n: int, seed: int = 0, chunk: int = 10_000) -> None:
     del out
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak RSS. Not `getrusage().ru_maxrss`: Linux keeps it across execve, so a child
+    would report its parent's peak (the parent grows while converting the 300K set)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # non-Linux: no execve carry-over issue
+
+
 def stream(directory: str, steps: int, batch_size: int) -> None:
     """Child process: stream `steps` batches, print the peak RSS in MiB and the rate."""
     from kood import data
@@ -52,7 +62,7 @@ def stream(directory: str, steps: int, batch_size: int) -> None:
     for _ in range(steps):
         next(it)
     rate = steps * batch_size / (time.perf_counter() - start)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    peak_mib = _peak_rss_mib()
     print(f"{peak_mib:.1f} {rate:.0f}")
 
 
