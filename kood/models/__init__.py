@@ -2,7 +2,9 @@
 
 Every classifier is a functional Keras model
 `float32 pixels [B, H, W, C] -> normalize -> architecture -> features -> classifier (logits [B, K])`,
-built from stock Keras layers only, so `keras.models.load_model` needs no custom objects.
+built from stock Keras layers plus `kood.models.layers.FusedBatchNorm` (a BatchNormalization on TF's
+fused kernels, registered as "kood>FusedBatchNorm", so `keras.models.load_model` needs no custom
+objects once `kood.models` is imported).
 Weight decay is the optimizer's job (`weight_decay=`): no kernel regularizers here.
 
 Example:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import keras
 
 from kood.models._checks import check_choice, check_int
+from kood.models.layers import batch_norm
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int):
     x = keras.layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False)(x)
-    return keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)(x)
+    return batch_norm(momentum=0.9, epsilon=1e-5)(x)
 
 
 def _basic_block(x, filters: int, stride: int):

@@ -6,6 +6,7 @@ import keras
 
 from kood.errors import ConfigError
 from kood.models._checks import check_int
+from kood.models.layers import batch_norm
 
 
 def small_cnn(x, num_classes: int, *, width: int = 16, depth: int = 2, blocks: int = 1):
@@ -39,6 +40,6 @@ def small_cnn(x, num_classes: int, *, width: int = 16, depth: int = 2, blocks: i
         for _ in range(blocks):
             x = keras.layers.Conv2D(width * 2 ** stage, 3, padding="same", use_bias=False)(x)
             # momentum 0.9 = PyTorch's 0.1 (as in the paper models): inference statistics catch up within a short run.
-            x = keras.layers.BatchNormalization(momentum=0.9)(x)
+            x = batch_norm(momentum=0.9, epsilon=1e-3)(x)
             x = keras.layers.ReLU()(x)
     return keras.layers.GlobalAveragePooling2D()(x)

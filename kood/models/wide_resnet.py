@@ -6,10 +6,11 @@ import keras
 
 from kood.errors import ConfigError
 from kood.models._checks import check_int, check_rate
+from kood.models.layers import batch_norm
 
 
 def _bn_relu(x):
-    return keras.layers.ReLU()(keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9)(x))
+    return keras.layers.ReLU()(batch_norm(momentum=0.9, epsilon=1e-5)(x))
 
 
 def _conv(x, filters: int, kernel: int, stride: int):
