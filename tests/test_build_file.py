@@ -58,7 +58,7 @@ def test_repository_build_matches_the_code():
     problems, _ = build_check.check(REPO)
     assert not problems, ("BUILD is out of date with the code:\n" + "\n".join(problems)
                           + "\nRun `python -m tools.build_check` for details or "
-                            "`python -m tools.build_check --print > BUILD`.")
+                            "`python -m tools.build_check --write`.")
 
 
 ISSUE_ENTRY_POINTS = ["kood/train.py", "kood/evaluate.py", "kood/export.py", "kood/bench.py"] + [

@@ -1,4 +1,4 @@
-r"""Keep BUILD true to the code: `python -m tools.build_check [--print]`.
+r"""Keep BUILD true to the code: `python -m tools.build_check [--print | --write]`.
 
 Checks the top-level BUILD against the Python tree and the imports in it:
 every module is in exactly one target, every test file has a test target,
@@ -8,7 +8,8 @@ and each target's deps are exactly the targets its srcs import (parsed with
 takes them from the system Python). Each problem is printed with what to
 change. `--print` prints a complete BUILD generated from the tree and the
 imports (attributes such as `size`, `tags` or `data` of existing targets are
-kept), so `python -m tools.build_check --print > BUILD` brings BUILD up to date.
+kept); `--write` rewrites BUILD with it (do not redirect `--print` into BUILD: the
+shell empties the file before it is read, losing those attributes).
 
 Grouping used by `--print`: one py_library per package directory (`kood`,
 `kood_models`, ...; directories whose modules import each other are merged
@@ -614,6 +615,16 @@ def check(root: str) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
+def write_build(root: str) -> None:
+    """Rewrites BUILD from `suggest_build(root)` atomically. Not `--print > BUILD`: the shell
+    empties BUILD before it is read, which loses the size/tags/data of existing targets."""
+    text = suggest_build(root)
+    path = os.path.join(root, BUILD_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def run(root: str, print_build: bool = False) -> int:
     """Prints the check's findings (or a suggested BUILD); returns the exit code.
 
@@ -642,8 +653,8 @@ def run(root: str, print_build: bool = False) -> int:
     for p in problems:
         print(p)
     if problems:
-        print(f"\n{len(problems)} BUILD problem(s). A complete suggested BUILD: python -m tools.build_check "
-              f"--print > BUILD  (keeps size/tags/data of existing targets).")
+        print(f"\n{len(problems)} BUILD problem(s). Update BUILD: python -m tools.build_check --write "
+              f"(keeps size/tags/data of existing targets).")
         return 1
     print("BUILD is consistent with the code.")
     return 0
@@ -652,7 +663,11 @@ def run(root: str, print_build: bool = False) -> int:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    sys.exit(run(FLAGS.root or _DEFAULT_ROOT, FLAGS.print))
+    root = FLAGS.root or _DEFAULT_ROOT
+    if FLAGS.write:
+        write_build(root)
+        print(f"wrote {os.path.join(root, BUILD_FILE)}")
+    sys.exit(run(root, FLAGS.print))
 
 
 if __name__ == "__main__":
@@ -662,5 +677,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("root", None, "Repository root holding BUILD (default: the checkout this file is in).")
     flags.DEFINE_boolean("print", False, "Print a complete BUILD generated from the tree and the imports "
                          "instead of checking (existing size/tags/data attributes are kept).")
+    flags.DEFINE_boolean("write", False, "Rewrite BUILD from the tree and the imports (keeps existing "
+                         "size/tags/data attributes), then check it.")
     FLAGS = flags.FLAGS
     app.run(main)
