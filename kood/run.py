@@ -346,6 +346,7 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
             start = time.time()
             trainer.fit(_epoch_data(cfg, trainer, epoch, manifest.shape, strategy, num_workers), epochs=epoch + 1,
                         initial_epoch=epoch, steps_per_epoch=steps, callbacks=[guard, logger],
+                        shuffle=False,  # the pipeline shuffles (seeded per epoch); Keras can't shuffle a Dataset
                         verbose=cfg.verbose if sys.stderr.isatty() or cfg.verbose == 0 else 2)
             if guard.failure:
                 raise FloatingPointError(
