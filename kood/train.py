@@ -63,7 +63,8 @@ flags.DEFINE_string("demo_dir", os.path.join(os.path.expanduser("~"), ".cache", 
 flags.DEFINE_boolean("augment", True, "Random crop (4-pixel padding) + horizontal flip on ID and aux images.")
 
 # Model and optimization.
-flags.DEFINE_string("arch", "small_cnn", "Architecture (kood.models.ARCHITECTURES).")
+flags.DEFINE_string("arch", "small_cnn", "Architecture: small_cnn (CPU-friendly), resnet18 (CIFAR variant), "
+                    "wrn40_2, densenet_bc_100, densenet121 (keras.applications; kood.models.ARCHITECTURES).")
 flags.DEFINE_list("arch_kwargs", [], "Architecture options key=value, e.g. width=32,depth=2.")
 flags.DEFINE_string("init_checkpoint", None, "Fine-tune from this .keras file or model dir (strict: every weight must load).")
 flags.DEFINE_enum("optimizer", "sgd", OPTIMIZERS, "Optimizer.")
