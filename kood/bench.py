@@ -45,7 +45,7 @@ from kood import data, run  # noqa: E402
 from kood.detectors.energy import energy_score  # noqa: E402
 from kood.errors import ConfigError, DataError  # noqa: E402
 from kood.evaluate import evaluate, parse_detectors, parse_ood  # noqa: E402
-from kood.manifest import read_manifest  # noqa: E402
+from kood.manifest import read_json, read_manifest, write_text_atomic  # noqa: E402
 from kood.methods import METHODS, method_config  # noqa: E402
 from kood.models import build_classifier, load_classifier  # noqa: E402
 from kood.progress import Progress  # noqa: E402
@@ -391,8 +391,8 @@ def run_speed(cfg: BenchConfig, steps: int = 20, reps: int = 5, pipeline_batches
     validate(cfg)
     speed = measure_speed(cfg, cfg.methods, steps, reps, pipeline_batches)
     os.makedirs(cfg.output, exist_ok=True)
-    _atomic_write(os.path.join(cfg.output, "speed.md"), speed_markdown(speed))
-    _atomic_write(os.path.join(cfg.output, "speed.json"), json.dumps(speed, indent=2) + "\n")
+    write_text_atomic(os.path.join(cfg.output, "speed.md"), speed_markdown(speed))
+    write_text_atomic(os.path.join(cfg.output, "speed.json"), json.dumps(speed, indent=2) + "\n")
     return speed
 
 
@@ -440,8 +440,7 @@ def make_plan(cfg: BenchConfig) -> dict:
 def _load_or_make_plan(cfg: BenchConfig) -> dict:
     path = os.path.join(cfg.output, "plan.json")
     if os.path.exists(path):
-        with open(path) as f:
-            plan = json.load(f)
+        plan = read_json(path, "bench plan")
         same = (plan["budget_minutes"] == cfg.budget_minutes
                 and plan["pretrain_epochs"]["requested"] == cfg.pretrain_epochs
                 and plan["finetune_epochs"]["requested"] == cfg.finetune_epochs)
@@ -452,19 +451,12 @@ def _load_or_make_plan(cfg: BenchConfig) -> dict:
         return plan
     plan = make_plan(cfg)
     os.makedirs(cfg.output, exist_ok=True)
-    _atomic_write(path, json.dumps(plan, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(plan, indent=2) + "\n")
     return plan
 
 
 # ----------------------------------------------------------------------------------------------
 # Cells
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _signature(rc: RunConfig) -> dict:
@@ -482,8 +474,7 @@ def _finished(directory: str, signature: dict, trained: bool = True) -> dict | N
     path = os.path.join(directory, RESULT_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        result = json.load(f)
+    result = read_json(path, "bench cell result")
     if result.get("settings") != signature:
         if not trained:
             return None
@@ -559,7 +550,7 @@ def _run_cell(cfg: BenchConfig, rc: RunConfig | None, directory: str, name: str,
     tmp = os.path.join(directory, "scores.tmp.npz")
     np.savez(tmp, **{f"energy/{k}": v for k, v in scores.items()})
     os.replace(tmp, os.path.join(directory, "scores.npz"))
-    _atomic_write(os.path.join(directory, RESULT_FILE), json.dumps(result, indent=2) + "\n")
+    write_text_atomic(os.path.join(directory, RESULT_FILE), json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -571,8 +562,7 @@ def _pretrain(cfg: BenchConfig, seed: int, epochs: int, label: str) -> tuple[str
     marker = os.path.join(rc.model_dir, "pretrain_done.json")
     sig = _signature(rc)
     if os.path.exists(marker):
-        with open(marker) as f:
-            done = json.load(f)
+        done = read_json(marker, "pretraining marker")
         if done["settings"] == sig:
             print(f"{label} ce pretrain seed {seed}: finished earlier, skipped", file=sys.stderr)
             return os.path.join(rc.model_dir, "last.keras"), done["train_seconds"]
@@ -580,7 +570,7 @@ def _pretrain(cfg: BenchConfig, seed: int, epochs: int, label: str) -> tuple[str
     start = time.time()
     run.run_training(rc)
     seconds = time.time() - start
-    _atomic_write(marker, json.dumps({"settings": sig, "train_seconds": seconds}) + "\n")
+    write_text_atomic(marker, json.dumps({"settings": sig, "train_seconds": seconds}) + "\n")
     print(f"{label} ce pretrain seed {seed}: done in {seconds:.0f} s", file=sys.stderr, flush=True)
     return os.path.join(rc.model_dir, "last.keras"), seconds
 
@@ -804,8 +794,8 @@ def run_bench(cfg: BenchConfig) -> dict:
         "summary": summarize(cells, list(cfg.ood)),
         "cells": cells, "wall_seconds_this_run": round(time.time() - bench_start, 1)}
     report["plots"] = write_plots(cfg, cfg.methods)
-    _atomic_write(os.path.join(cfg.output, "results.md"), markdown(report))
-    _atomic_write(os.path.join(cfg.output, "results.json"), json.dumps(report, indent=2) + "\n")
+    write_text_atomic(os.path.join(cfg.output, "results.md"), markdown(report))
+    write_text_atomic(os.path.join(cfg.output, "results.json"), json.dumps(report, indent=2) + "\n")
     return report
 
 

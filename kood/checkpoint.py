@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from kood.errors import DataError
+from kood.manifest import read_json, write_text_atomic
 
 LATEST = "latest"
 
@@ -40,7 +41,7 @@ def save(ckpt_dir: str, model: keras.Model, optimizer: keras.optimizers.Optimize
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(os.path.join(ckpt_dir, LATEST), name)
+    write_text_atomic(os.path.join(ckpt_dir, LATEST), name)
     done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("epoch-"))
     for old in done[:-keep]:
         shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
@@ -73,12 +74,4 @@ def restore(path: str, model: keras.Model, optimizer: keras.optimizers.Optimizer
             raise DataError(f"{path}/optimizer.npz: variable {var.path} has shape {value.shape}, "
                             f"expected {tuple(var.shape)}")
         var.assign(value)
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    return read_json(os.path.join(path, "state.json"), "checkpoint state")

@@ -27,6 +27,7 @@ import numpy as np
 from kood.data import eval_dataset
 from kood.detectors import DETECTORS, collect_outputs, make_detector
 from kood.errors import ConfigError, DataError
+from kood.manifest import write_text_atomic
 from kood.metrics import CONVENTION_NOTE, CONVENTIONS, METRICS, accuracy, metrics_table
 
 RESIZE_CHOICES = ("error", "resize", "center_crop")
@@ -237,13 +238,6 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_reports(results: dict, output: str) -> None:
     """Writes `results.json`, `results.csv`, `results.md` and TensorBoard summaries under `output`."""
     os.makedirs(output, exist_ok=True)
@@ -256,10 +250,10 @@ def write_reports(results: dict, output: str) -> None:
     writer.writeheader()
     for row in _rows(results):
         writer.writerow({**row, "convention": results["convention"]})
-    _atomic_write(os.path.join(output, "results.csv"), buf.getvalue())
-    _atomic_write(os.path.join(output, "results.md"), markdown_table(results))
+    write_text_atomic(os.path.join(output, "results.csv"), buf.getvalue())
+    write_text_atomic(os.path.join(output, "results.md"), markdown_table(results))
     # json last: its presence marks a complete evaluation
-    _atomic_write(os.path.join(output, "results.json"), json.dumps(plain, indent=2, allow_nan=True) + "\n")
+    write_text_atomic(os.path.join(output, "results.json"), json.dumps(plain, indent=2, allow_nan=True) + "\n")
 
 
 def _curve_image(det: str, s: dict[str, np.ndarray], kind: str) -> np.ndarray:

@@ -51,7 +51,7 @@ import tensorflow as tf
 from kood.data import eval_dataset
 from kood.detectors import DETECTORS, make_detector
 from kood.errors import ConfigError, DataError, run_cli
-from kood.manifest import read_manifest
+from kood.manifest import read_json, read_manifest
 from kood.metrics import threshold_at_tpr
 from kood.progress import Progress
 
@@ -217,11 +217,7 @@ def resolve_model(model_path: str, checkpoint: str = "best") -> tuple[str, dict 
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(config_path):
         return file, None
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{config_path}: cannot read the run config ({e})") from e
+    config = read_json(config_path, "run config")
     if not isinstance(config, dict):
         raise DataError(f"{config_path}: the run config must be a JSON object. Received: {type(config).__name__}")
     return file, config

@@ -27,7 +27,7 @@ import shutil
 from typing import Any
 
 from kood.errors import DataError
-from kood.manifest import MANIFEST, TASKS, Manifest, shard_name, write_text_atomic
+from kood.manifest import MANIFEST, TASKS, Manifest, read_json, shard_name, write_text_atomic
 from kood.writer import DatasetWriter, claim_directory, command_line, remove_stale_shards, sha256_file
 
 TASK_FORMAT = "kood-task/1"
@@ -91,11 +91,7 @@ def finish_task(part: TaskPart, directory: str) -> TaskPart:
 
 def read_task_part(path: str) -> TaskPart:
     """Reads one `task.json`; DataError names the file and what is wrong."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: unreadable task part: {e}") from e
+    raw = read_json(path, "task part")
     names = {f.name for f in dataclasses.fields(TaskPart)}
     if not isinstance(raw, dict) or raw.get("format") != TASK_FORMAT or not names.issuperset(raw) \
             or not {"task_index", "num_tasks", "plan", "shards"}.issubset(raw):

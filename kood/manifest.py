@@ -96,11 +96,7 @@ def read_manifest(directory: str) -> Manifest:
             raise DataError(f"{path}: no manifest.json, but {TASKS}/ holds parts of a conversion run with "
                             f"--num_tasks; when all tasks are done: python -m data_prep.merge {directory}")
         raise DataError(f"{path}: no manifest.json (not a kood dataset, or its conversion did not finish)")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: unreadable manifest: {e}") from e
+    raw = read_json(path, "manifest")
     fields = {f.name for f in dataclasses.fields(Manifest)}
     unknown = set(raw) - fields
     missing = {f.name for f in dataclasses.fields(Manifest)
@@ -118,6 +114,15 @@ def write_manifest(directory: str, manifest: Manifest) -> str:
     manifest.validate(path)
     write_text_atomic(path, manifest.to_json())
     return path
+
+
+def read_json(path: str, what: str):
+    """Parsed JSON of `path`; a missing or corrupt file is a DataError naming it and `what` it is."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable {what}: {e}") from e
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -23,7 +22,7 @@ import tensorflow as tf
 
 from kood import checkpoint, data, distribute, losses, metrics
 from kood.errors import ConfigError, DataError
-from kood.manifest import read_manifest
+from kood.manifest import read_json, read_manifest, write_text_atomic
 from kood.methods import MethodConfig, method_config
 from kood.models import ARCHITECTURES, build_classifier, load_classifier
 from kood.summaries import NanGuard, TensorBoardLogger
@@ -135,16 +134,13 @@ def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
     path = os.path.join(cfg.model_dir, "config.json")
     sig = _run_signature(cfg)
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = read_json(path, "run config")
         diff = {k: (old.get(k), v) for k, v in sig.items() if old.get(k) != v}
         if diff:
             raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with other settings "
                               f"(saved vs now: {diff}); use a new --model_dir to start another run")
     elif write:
-        with open(path + ".tmp", "w") as f:
-            json.dump(sig, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_text_atomic(path, json.dumps(sig, indent=2))
     return sig
 
 
@@ -369,6 +365,5 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
     results["model_dir"] = cfg.model_dir
     results["replicas"] = strategy.num_replicas_in_sync
     results["tensorboard"] = f"tensorboard --logdir {os.path.join(cfg.model_dir, 'logs')}"
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_text_atomic(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2))
     return results

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from kood import run as run_lib
-from kood.errors import ConfigError
+from kood.errors import ConfigError, DataError
 from kood.methods import METHODS, method_config
 from kood.models import build_classifier
 from kood.trainer import OODTrainer
@@ -120,6 +120,18 @@ def test_resumed_run_must_keep_its_settings(digit_sets, tmp_path):
     cfg.lr = 0.5
     with pytest.raises(ConfigError, match="other settings"):
         run_lib.run_training(cfg)
+
+
+def test_corrupt_run_config_is_named_and_left_alone(digit_sets, tmp_path):
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1)
+    os.makedirs(cfg.model_dir)
+    path = os.path.join(cfg.model_dir, "config.json")
+    with open(path, "w") as f:
+        f.write('{"method": "ener')  # truncated
+    with pytest.raises(DataError, match=f"{path}: unreadable run config"):
+        run_lib.run_training(cfg)
+    assert open(path).read() == '{"method": "ener'
+    assert not os.path.exists(os.path.join(cfg.model_dir, "ckpt"))
 
 
 def test_init_checkpoint_must_match_the_architecture(digit_sets, tmp_path):
