@@ -31,6 +31,12 @@ MIN_EPSILON = 1.001e-5
 _AXES = [0, 1, 2]  # NHWC: statistics over batch and space, per channel
 
 
+@tf.function(jit_compile=True)
+def _affine3(x, dy, g, p, q, r, s):
+    """p * x + q * dy + r * g + s with per-channel p, q, r, s: one pass under XLA (TF would run six)."""
+    return p * x + q * dy + r * g + s
+
+
 def _batch_norm_train(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: float):
     """Training-mode BN: (y, batch mean, biased batch variance), with fused first and second derivatives."""
 
@@ -50,31 +56,43 @@ def _batch_norm_train(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, epsilon: 
                 y_backprop=dy, x=x, scale=gamma, reserve_space_1=r1, reserve_space_2=r2, reserve_space_3=r3,
                 epsilon=epsilon, data_format="NHWC", is_training=True)[:3]
 
-        @tf.custom_gradient
         def backward(dy, x, gamma):
-            dx, dgamma, dbeta = fused_grad(dy, gamma)
+            # One kernel gives dx, dgamma and dbeta; two wrappers give them separate second derivatives,
+            # so a penalty on the input gradient alone (GReg) never builds the dgamma terms over the
+            # activations (Keras passes zeros, not None, for an unused output's gradient).
+            dx, dgamma, dbeta = (tf.stop_gradient(t) for t in fused_grad(dy, gamma))
             a, b = dbeta / count, dgamma / count  # mean(dy), mean(dy * xhat), xhat = (x - mean) * rstd
 
-            def double_backward(g, g_gamma, g_beta):
-                # dx = gamma * rstd * (dy - a - xhat * b) is linear and symmetric in dy, so the gradient
-                # w.r.t. dy is the same fused map applied to g; it also returns sum(g * xhat) and sum(g).
-                # The x-derivative (through xhat, rstd and b) and the gamma-derivative are the closed forms
-                # of that expression, collected into per-channel coefficients so that only a few
-                # elementwise ops run over the activations (xhat * v = rstd * v * x - rstd * v * mean).
-                g_dy, g_xhat_sum, g_sum = fused_grad(g, gamma)
-                c, mg = g_xhat_sum / count, g_sum / count
-                mgdy = tf.reduce_mean(g * dy, _AXES)
-                k = mgdy - a * mg - b * c
-                gr2 = gamma * rstd * rstd
-                coef_xhat = -gr2 * (k - 2.0 * b * c) - g_gamma * rstd * b
-                coef_dy = -gr2 * c + g_gamma * rstd
-                coef_g = -gr2 * b
-                shift = gr2 * (c * a + b * mg) - g_gamma * rstd * a - coef_xhat * rstd * mean
-                g_x = (coef_xhat * rstd) * x + coef_dy * dy + coef_g * g + shift
-                g_dy = g_dy + (g_gamma * rstd) * x + (g_beta - g_gamma * rstd * mean)
-                return g_dy, g_x, rstd * count * k
+            @tf.custom_gradient
+            def input_grad(dy, x, gamma):
+                def double_backward(g):
+                    # dx = gamma * rstd * (dy - a - xhat * b) is linear and symmetric in dy, so the gradient
+                    # w.r.t. dy is the same fused map applied to g; it also returns sum(g * xhat) and sum(g).
+                    # The x-derivative (through xhat, rstd and b) and the gamma-derivative are the closed
+                    # forms of that expression, collected into per-channel coefficients so that only a few
+                    # elementwise ops run over the activations (xhat * v = rstd * v * x - rstd * v * mean).
+                    g_dy, g_xhat_sum, g_sum = fused_grad(g, gamma)
+                    c, mg = g_xhat_sum / count, g_sum / count
+                    k = tf.reduce_mean(g * dy, _AXES) - a * mg - b * c
+                    gr2 = gamma * rstd * rstd
+                    coef_xhat = -gr2 * (k - 2.0 * b * c)
+                    shift = gr2 * (c * a + b * mg) - coef_xhat * rstd * mean
+                    g_x = _affine3(x, dy, g, coef_xhat * rstd, -gr2 * c, -gr2 * b, shift)
+                    return g_dy, g_x, rstd * count * k
 
-            return (dx, dgamma, dbeta), double_backward
+                return tf.identity(dx), double_backward
+
+            @tf.custom_gradient
+            def param_grads(dy, x, gamma):
+                def double_backward(g_gamma, g_beta):
+                    # dgamma = sum(dy * xhat), dbeta = sum(dy); d dgamma / dx = dx / gamma.
+                    g_dy = (g_gamma * rstd) * x + (g_beta - g_gamma * rstd * mean)
+                    g_x = (g_gamma * rstd) * (dy - a) - (g_gamma * rstd * rstd * b) * (x - mean)
+                    return g_dy, g_x, tf.zeros_like(gamma)
+
+                return (tf.identity(dgamma), tf.identity(dbeta)), double_backward
+
+            return (input_grad(dy, x, gamma), *param_grads(dy, x, gamma))
 
         def grad(dy, unused_dmean, unused_dvariance):
             # The batch statistics only feed the moving averages: no gradient flows through them.
@@ -120,6 +138,58 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
             x=inputs, scale=gamma, offset=beta, mean=tf.convert_to_tensor(self.moving_mean),
             variance=tf.convert_to_tensor(self.moving_variance), epsilon=self.epsilon, exponential_avg_factor=1.0,
             data_format="NHWC", is_training=False)[0]
+
+
+def _max_pool(x: tf.Tensor, size: int) -> tf.Tensor:
+    """Non-overlapping size x size max-pool whose backward has a cheap exact derivative."""
+    ksize = [1, size, size, 1]
+
+    @tf.custom_gradient
+    def forward(x):
+        y = tf.nn.max_pool2d(x, size, size, "VALID")
+
+        def grad(dy):
+            def pool_grad(upstream):
+                return tf.raw_ops.MaxPoolGrad(orig_input=x, orig_output=y, grad=upstream, ksize=ksize,
+                                              strides=ksize, padding="VALID")
+
+            @tf.custom_gradient
+            def backward(dy):
+                def double_backward(g):
+                    # The backward routes each dy to its window's argmax, so its derivative gathers g
+                    # there: a 0/1 argmax mask (the kernel's own choice, ties included) times g, summed
+                    # per window. TF's MaxPoolGradGrad kernel computes the same, ~4x slower on a CPU.
+                    mask = pool_grad(tf.ones_like(dy))
+                    return tf.nn.avg_pool2d(g * mask, size, size, "VALID") * float(size * size)
+
+                return pool_grad(dy), double_backward
+
+            return backward(dy)
+
+        return y, grad
+
+    return forward(x)
+
+
+@keras.saving.register_keras_serializable(package="kood")
+class MaxPool(keras.layers.MaxPooling2D):
+    """`keras.layers.MaxPooling2D` with a fast exact second derivative for non-overlapping windows.
+
+    When `pool_size` is square and equal to `strides`, with "valid" padding and channels last, the
+    backward's own gradient (GReg's double backprop) is a mask multiply and a sum-pool instead of
+    TF's `MaxPoolGradGrad` kernel; values and first derivatives are TF's max-pool kernels. Other
+    configurations run Keras' layer unchanged.
+
+    Example:
+        x = MaxPool(2)(x)
+    """
+
+    def call(self, inputs):
+        size = self.pool_size[0]
+        if (self.pool_size != (size, size) or tuple(self.strides) != (size, size) or self.padding != "valid"
+                or self.data_format != "channels_last" or len(inputs.shape) != 4):
+            return super().call(inputs)
+        return _max_pool(inputs, size)
 
 
 _BATCHNORM = {"fused": FusedBatchNorm, "keras": keras.layers.BatchNormalization}

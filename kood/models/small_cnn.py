@@ -6,7 +6,7 @@ import keras
 
 from kood.errors import ConfigError
 from kood.models._checks import check_int
-from kood.models.layers import batch_norm
+from kood.models.layers import MaxPool, batch_norm
 
 
 def small_cnn(x, num_classes: int, *, width: int = 16, depth: int = 2, blocks: int = 1):
@@ -36,7 +36,7 @@ def small_cnn(x, num_classes: int, *, width: int = 16, depth: int = 2, blocks: i
             if min(d for d in (x.shape[1], x.shape[2], 2) if d is not None) < 2:
                 raise ConfigError(f"small_cnn: depth={depth} pools the input below 1x1 at stage {stage}; use a "
                                   f"smaller depth. Received: depth={depth}")
-            x = keras.layers.MaxPooling2D(2)(x)
+            x = MaxPool(2)(x)
         for _ in range(blocks):
             x = keras.layers.Conv2D(width * 2 ** stage, 3, padding="same", use_bias=False)(x)
             # momentum 0.9 = PyTorch's 0.1 (as in the paper models): inference statistics catch up within a short run.
