@@ -16,7 +16,7 @@ the sampler (L2-normalize + k-means + per-cluster pick) on the pool's features.
 
 Usage:
     TF_CPP_MIN_LOG_LEVEL=2 python bench/bench_step.py [--archs=small_cnn,wrn40_2] [--reps=7] [--steps=5]
-        [--parts] [--jit_compile] [--extra=greg_aux2] [--trace_dir=/tmp/trace] [--bn=fused,keras]
+        [--parts] [--jit_compile] [--extra=greg_aux2,greg_plus_bf16] [--trace_dir=/tmp/trace] [--bn=fused,keras]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from kood.trainer import OODTrainer  # noqa: E402
 flags.DEFINE_list("archs", ["small_cnn", "wrn40_2"], "Architectures (kood.models registry).")
 flags.DEFINE_list("methods", ["ce", "energy", "greg", "greg_plus"], "Methods (kood.methods presets).")
 flags.DEFINE_list("extra", [], "Extra variants: greg_aux2 (greg with a 2 x B random auxiliary batch, the same "
-                  "number of trained outliers as greg_plus).")
+                  "number of trained outliers as greg_plus), greg_plus_bf16 (greg_plus with --pool_dtype=bfloat16).")
 flags.DEFINE_list("bn", ["fused"], "BatchNorm of the architectures: fused (kood.models.layers.FusedBatchNorm, the "
                   "default), keras (keras.layers.BatchNormalization), or both (fused,keras: each method runs with "
                   "each, interleaved in the same rounds, named method[bn]).")
@@ -63,7 +63,8 @@ FLAGS = flags.FLAGS
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
-VARIANTS = {"greg_aux2": ("greg", dict(aux_batch_factor=2.0))}
+VARIANTS = {"greg_aux2": ("greg", dict(aux_batch_factor=2.0)),
+            "greg_plus_bf16": ("greg_plus", dict(pool_dtype="bfloat16"))}
 
 
 def _make_trainer(arch: str, method: str, batch_size: int, rng: np.random.Generator, bn: str = "fused"):
@@ -167,8 +168,11 @@ def part_functions(trainer: OODTrainer, batch_size: int, rng: np.random.Generato
     }
 
 
-def print_op_profile(trace_dir: str, title: str, top: int = 12, steps: int = 3) -> None:
-    """Op time per step by op type from the newest tf.profiler trace in `trace_dir` (no TensorBoard needed)."""
+def print_op_profile(trace_dir: str, title: str, top: int = 12, steps: int = 3) -> float:
+    """Op time per step by op type from the newest tf.profiler trace in `trace_dir` (no TensorBoard needed).
+
+    Returns the convolution kernels' time per step (ms).
+    """
     import collections
     import glob
 
@@ -192,6 +196,10 @@ def print_op_profile(trace_dir: str, title: str, top: int = 12, steps: int = 3) 
     print(f"\nop time per step, {title}: {total:.1f} ms (summed over threads)\n\n| op type | ms | % | ops |\n|---|---|---|---|")
     for op_type, ms in times.most_common(top):
         print(f"| {op_type} | {ms:.1f} | {100 * ms / total:.0f} | {counts[op_type] // steps} |")
+    conv = {t: ms for t, ms in times.items() if "Conv2D" in t}
+    print(f"convolution kernels: {sum(conv.values()):.1f} ms ({100 * sum(conv.values()) / total:.0f}%), "
+          f"{sum(counts[t] for t in conv) // steps} ops")
+    return sum(conv.values())
 
 
 def _warm(runners: dict, count: int) -> None:
@@ -244,7 +252,8 @@ def main(argv):
         tags = [""] if len(FLAGS.bn) == 1 else [f"[{bn}]" for bn in FLAGS.bn]
         for tag in tags:
             for num, den, target in (("greg", "energy", 2.2), ("greg_plus", "greg", 1.3),
-                                     ("greg_plus", "greg_aux2", None), ("energy", "ce", None)):
+                                     ("greg_plus", "greg_aux2", None), ("greg_plus_bf16", "greg", 1.3),
+                                     ("greg_plus_bf16", "greg_aux2", None), ("energy", "ce", None)):
                 num, den = num + tag, den + tag
                 if num in medians and den in medians:
                     verdict = "" if target is None else f" (target <= {target}: {'met' if medians[num] / medians[den] <= target else 'MISSED'})"
@@ -254,12 +263,16 @@ def main(argv):
             for method in FLAGS.methods + FLAGS.extra:
                 print(f"{method}: {second} / {first} = {medians[f'{method}[{second}]'] / medians[f'{method}[{first}]']:.2f}")
         if FLAGS.trace_dir:
+            conv_ms = {}
             for method, run in runners.items():
                 tf.profiler.experimental.start(os.path.join(FLAGS.trace_dir, f"{arch}_{method}"))
                 for _ in range(3):
                     run()
                 tf.profiler.experimental.stop()
-                print_op_profile(os.path.join(FLAGS.trace_dir, f"{arch}_{method}"), f"{arch} {method}")
+                conv_ms[method] = print_op_profile(os.path.join(FLAGS.trace_dir, f"{arch}_{method}"),
+                                                   f"{arch} {method}")
+            if "greg" in conv_ms and "energy" in conv_ms:
+                print(f"\nconvolution kernels alone: greg / energy = {conv_ms['greg'] / conv_ms['energy']:.2f}")
             print(f"profiler traces: tensorboard --logdir {FLAGS.trace_dir}")
         if FLAGS.parts:
             parts = {}

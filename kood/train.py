@@ -27,7 +27,7 @@ from absl import app, flags
 
 from kood.distribute import STRATEGIES
 from kood.errors import ConfigError, DataError
-from kood.methods import METHODS, SAMPLERS, SCORE_LOSSES, GRAD_SPACES, MethodConfig
+from kood.methods import GRAD_SPACES, METHODS, POOL_DTYPES, SAMPLERS, SCORE_LOSSES, MethodConfig
 from kood.run import OPTIMIZERS, SCHEDULES, RunConfig
 
 _D = MethodConfig()  # preset-free defaults, shown in --help
@@ -47,6 +47,9 @@ flags.DEFINE_integer("cluster_k", None, f"GReg+ K-means clusters, min(k, batch_s
 flags.DEFINE_integer("pool_factor", None, f"GReg+ candidate pool = pool_factor x batch_size (default {_D.pool_factor}).")
 flags.DEFINE_boolean("two_way", None, "GReg+: take the lowest- AND highest-energy sample per cluster (default true).")
 flags.DEFINE_integer("kmeans_iters", None, f"Lloyd iterations of the in-graph K-means (default {_D.kmeans_iters}).")
+flags.DEFINE_enum("pool_dtype", None, POOL_DTYPES,
+                  "GReg+: compute dtype of the candidate-pool forward (default float32, the paper; bfloat16 / "
+                  "float16 are ~2x faster on hardware with them, see docs/performance.md).")
 flags.DEFINE_float("aux_batch_factor", None, "Random sampler: aux batch = factor x batch_size (default 1).")
 flags.DEFINE_float("temperature", None, "Temperature T of the energy score (default 1).")
 METHOD_FLAGS = [f.name for f in dataclasses.fields(MethodConfig)]

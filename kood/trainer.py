@@ -29,6 +29,7 @@ import tensorflow as tf
 from kood import losses, sampling
 from kood.methods import MethodConfig
 from kood.models import normalized_model
+from kood.models.layers import compute_dtype
 
 METRIC_NAMES = ("loss", "ce_loss", "energy_loss", "oe_loss", "grad_penalty", "accuracy", "weight_grad_norm",
                 "energy_id", "energy_aux", "grad_keep_id", "grad_keep_aux", "energy_active_id", "energy_active_aux")
@@ -88,8 +89,13 @@ class OODTrainer(keras.Model):
 
         `replica` = (id, count) seeds the draw as that replica would (default: the current one).
         """
-        out = self.net(self.normalize(pool), training=False)
-        features = tf.stop_gradient(out["features"])
+        x = self.normalize(pool)
+        if self.config.pool_dtype == "float32":
+            out = self.net(x, training=False)
+        else:
+            with compute_dtype(self.net, self.config.pool_dtype):
+                out = self.net(tf.cast(x, self.config.pool_dtype), training=False)
+        features = tf.stop_gradient(tf.cast(out["features"], tf.float32))
         energies = tf.stop_gradient(losses.energy_score(out["logits"], self.config.temperature))
         # Replicas draw different K-means++ seeds; one device (replica 0 of 1) keeps [seed, step].
         replica, num_replicas = replica or _replica()

@@ -9,7 +9,7 @@ import tensorflow as tf
 from kood import losses
 from kood.errors import ConfigError
 from kood.models import build_classifier, normalized_model
-from kood.models.layers import FusedBatchNorm, batch_norm, use_batchnorm
+from kood.models.layers import FusedBatchNorm, batch_norm, compute_dtype, use_batchnorm
 
 SHAPE = (6, 5, 5, 4)  # N, H, W, C: 150 values per channel
 
@@ -191,3 +191,21 @@ def test_batch_norm_helper_and_bad_kind():
     with pytest.raises(ConfigError, match="Received: kind='cudnn'"):
         with use_batchnorm("cudnn"):
             pass
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_inference_uses_the_fused_kernel(dtype):
+    """Under `compute_dtype` (the GReg+ pool forward) inference takes half-precision activations in one
+    fused kernel, close to float32; training-mode statistics stay on Keras' float32 path."""
+    _, fused = _pair()
+    x, _ = _data()
+    expected = fused(x, training=False)
+    with compute_dtype(fused, dtype):
+        graph = tf.function(lambda t: fused(t, training=False)).get_concrete_function(
+            tf.TensorSpec(SHAPE, dtype)).graph
+        got = fused(tf.cast(x, dtype), training=False)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(tf.cast(got, tf.float32), expected, rtol=0.02, atol=0.02 * float(tf.reduce_max(
+        tf.abs(expected))))
+    assert [op.get_attr("T") for op in graph.get_operations() if op.type == "FusedBatchNormV3"] == [tf.as_dtype(dtype)]
+    assert fused.dtype_policy.name == "float32"

@@ -66,6 +66,33 @@ def test_greg_plus_step_selects_twice_the_batch_from_the_pool():
     assert idx.shape == (32,) and len(set(idx.tolist())) == 32 and idx.min() >= 0 and idx.max() < 64
 
 
+def test_greg_plus_pool_forward_in_bfloat16_selects_like_float32_and_trains():
+    """--pool_dtype=bfloat16: the candidate forward's convolutions run in bfloat16, most picks are the
+    float32 ones, the layers get their float32 policies back, and training steps keep float32 weights."""
+    x, y = digits_arrays([0, 1, 2, 3, 4])
+    xa, ya = digits_arrays([5, 6, 7])
+    b = 16
+    pool = tf.constant(xa[:3 * b], tf.float32)
+    classifier = _classifier()
+    picks, graphs = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        trainer = OODTrainer(classifier, method_config("greg_plus", cluster_k=4, pool_factor=3, pool_dtype=dtype))
+        trainer.compile(optimizer=keras.optimizers.SGD(0.02, momentum=0.9))
+        trainer.optimizer.build(classifier.trainable_variables)
+        select = tf.function(lambda p, t=trainer: t.select_outliers(p, b))
+        picks[dtype] = set(select(pool).numpy().tolist())
+        graphs[dtype] = select.get_concrete_function(pool).graph
+    conv_dtypes = {dtype: {op.get_attr("T") for op in g.get_operations() if op.type == "Conv2D"}
+                   for dtype, g in graphs.items()}
+    assert conv_dtypes == {"float32": {tf.float32}, "bfloat16": {tf.bfloat16}}
+    assert len(picks["bfloat16"] & picks["float32"]) >= 0.75 * 2 * b
+    assert all(layer.dtype_policy.name == "float32" for layer in classifier.layers)  # restored
+    trainer.fit(tf.data.Dataset.from_tensors(((tf.constant(x[:b], tf.float32), tf.constant(y[:b])), pool)).repeat(),
+                steps_per_epoch=2, epochs=1, verbose=0)
+    assert classifier.get_layer("classifier").kernel.dtype == "float32"
+    assert all(np.isfinite(v.numpy()).all() for v in classifier.weights)
+
+
 def _event_tags(log_dir: str) -> set[str]:
     tags = set()
     for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
@@ -106,6 +133,8 @@ def test_finished_run_is_not_retrained(digit_sets, tmp_path):
     (dict(method="nope"), "--method"),
     (dict(method_overrides={"m_in": -5.0, "m_out": -7.0}), "--m_in"),
     (dict(schedule="multistep"), "--lr_milestones"),
+    (dict(method_overrides={"pool_dtype": "bfloat16"}), "--pool_dtype"),  # greg has no candidate pool
+    (dict(method="greg_plus", method_overrides={"pool_dtype": "int8"}), "--pool_dtype"),
 ])
 def test_invalid_combinations_stop_before_any_work(digit_sets, tmp_path, change, message):
     cfg = _config(digit_sets, str(tmp_path / "run"), **change)

@@ -118,18 +118,22 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
         x = FusedBatchNorm(momentum=0.9, epsilon=1e-5)(keras.layers.Conv2D(16, 3)(inputs))
     """
 
-    def _fused_applies(self, inputs, mask) -> bool:
+    def _fused_applies(self, inputs, mask, batch_statistics: bool) -> bool:
+        # Training-mode statistics (and their derivatives) are float32 only; inference also takes
+        # bfloat16/float16 activations (float32 statistics), e.g. the GReg+ pool forward under `compute_dtype`.
+        dtypes = ("float32",) if batch_statistics else ("float32", "bfloat16", "float16")
         return (mask is None and not self.synchronized and not self.renorm and self.scale and self.center
                 and len(inputs.shape) == 4 and self.axis in (-1, 3)
-                and keras.backend.standardize_dtype(inputs.dtype) == "float32"
-                and keras.backend.standardize_dtype(self.compute_dtype) == "float32"
+                and keras.backend.standardize_dtype(inputs.dtype) in dtypes
+                and keras.backend.standardize_dtype(self.compute_dtype) in dtypes
                 and (self.epsilon >= MIN_EPSILON or not tf.config.list_logical_devices("GPU")))
 
     def call(self, inputs, training=None, mask=None):
-        if not self._fused_applies(inputs, mask):
+        batch_statistics = bool(training and self.trainable)
+        if not self._fused_applies(inputs, mask, batch_statistics):
             return super().call(inputs, training=training, mask=mask)
         gamma, beta = tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta)
-        if training and self.trainable:
+        if batch_statistics:
             y, mean, variance = _batch_norm_train(inputs, gamma, beta, self.epsilon)
             self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
             self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
@@ -190,6 +194,37 @@ class MaxPool(keras.layers.MaxPooling2D):
                 or self.data_format != "channels_last" or len(inputs.shape) != 4):
             return super().call(inputs)
         return _max_pool(inputs, size)
+
+
+def _all_layers(layer):
+    yield layer
+    for sub in getattr(layer, "layers", []):
+        yield from _all_layers(sub)
+
+
+@contextlib.contextmanager
+def compute_dtype(model: keras.Model, dtype: str):
+    """Layers of `model` compute in `dtype` (float32 weights cast on use) while the block traces.
+
+    For a lower-precision forward of a float32 model without a copy of its weights: the ops built
+    inside the block (e.g. in a tf.function) use `dtype`; the policies are restored on exit.
+    `dtype="bfloat16"` selects Keras' "mixed_bfloat16" policy. Not thread-safe: keep the block to
+    the one call (tf.distribute's replica threads build their graphs one at a time).
+
+    Example:
+        with compute_dtype(net, "bfloat16"):
+            out = net(tf.cast(x, "bfloat16"), training=False)
+    """
+    layers = list(_all_layers(model))
+    previous = [layer.dtype_policy for layer in layers]
+    policy = "float32" if dtype == "float32" else f"mixed_{dtype}"
+    try:
+        for layer in layers:
+            layer.dtype_policy = policy
+        yield
+    finally:
+        for layer, old in zip(layers, previous):
+            layer.dtype_policy = old
 
 
 _BATCHNORM = {"fused": FusedBatchNorm, "keras": keras.layers.BatchNormalization}
