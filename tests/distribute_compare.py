@@ -1,6 +1,6 @@
 """Subprocess entry point of tests/test_distribute.py: one device vs MirroredStrategy over two logical CPUs.
 
-    python -m tests.distribute_compare compare METHOD ROOT OUT.json [SYNC_BN: 0|1]
+    python -m tests.distribute_compare compare METHOD[,flag=value...] ROOT OUT.json [SYNC_BN: 0|1]
 
 The CPU must be split into logical devices before TensorFlow initializes, hence a fresh process.
 """
@@ -14,11 +14,16 @@ import sys
 
 import numpy as np
 
-# Subprocess entry point: `python -m tests.distribute_compare compare METHOD ROOT OUT.json SYNC_BN(0|1)`.
+# Subprocess entry point: `python -m tests.distribute_compare compare METHOD[,flag=value...] ROOT OUT.json SYNC_BN(0|1)`.
 
 
 def _compare_main(method: str, root: str, out: str, sync_batchnorm: str = "1") -> None:
-    """Trains `method` on one device and on MirroredStrategy over two logical CPUs; writes losses."""
+    """Trains `method` on one device and on MirroredStrategy over two logical CPUs; writes losses.
+
+    `method` may carry method flags: "greg_plus,pool_dtype=bfloat16".
+    """
+    method, *pairs = method.split(",")
+    overrides = dict(pair.split("=", 1) for pair in pairs)
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -42,7 +47,7 @@ def _compare_main(method: str, root: str, out: str, sync_batchnorm: str = "1") -
     for name, strategy in (("one_device", "auto"), ("mirrored", "mirrored")):
         run_lib.OODTrainer = TwoReplicaSampler if name == "one_device" else OODTrainer
         cfg = run_lib.RunConfig(model_dir=os.path.join(root, name), id_data=dirs["id"], aux_data=dirs["aux"],
-                                method=method, epochs=2, steps_per_epoch=3, batch_size=16, lr=0.05,
+                                method=method, method_overrides=overrides, epochs=2, steps_per_epoch=3, batch_size=16, lr=0.05,
                                 log_every=1, deterministic=True, sync_batchnorm=sync_batchnorm == "1", val_split="none",
                                 strategy=strategy, verbose=0)
         replicas = run_lib.run_training(cfg)["replicas"]

@@ -145,6 +145,12 @@ def test_mirrored_matches_one_device_greg_plus(tmp_path):
     _assert_same_trajectory(_compare("greg_plus", str(tmp_path)))
 
 
+def test_mirrored_matches_one_device_with_a_bfloat16_pool(tmp_path):
+    """kood.models.layers.compute_dtype switches layer policies while a replica traces its pool forward;
+    replicas trace one at a time, so the other replica's float32 training graph is unaffected."""
+    _assert_same_trajectory(_compare("greg_plus,pool_dtype=bfloat16", str(tmp_path)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ce", "greg"])
 def test_mirrored_matches_one_device(method, tmp_path):

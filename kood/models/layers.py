@@ -1,20 +1,28 @@
-"""`FusedBatchNorm`: Keras BatchNormalization computed with TensorFlow's fused kernels.
+"""Layers with fast exact second derivatives (GReg's double backprop), and `compute_dtype`.
 
+`FusedBatchNorm`: Keras BatchNormalization computed with TensorFlow's fused kernels.
 Keras 3 normalizes in training mode with `tf.nn.moments` + `tf.nn.batch_normalization`: a dozen
 elementwise ops per layer, and their first and second derivatives are dozens more over every
 activation tensor. The GReg penalty differentiates the input gradient again (double backprop), so
 on small networks those elementwise ops cost as much as the convolutions. Here the forward is one
 `FusedBatchNormV3` kernel, the backward one `FusedBatchNormGradV3` kernel, and the backward's own
 gradient (the double backprop) is written out in closed form: one more `FusedBatchNormGradV3`
-(the backward map is symmetric in the upstream gradient) plus five per-channel means and a few
-elementwise ops. TF's registered second derivative would instead rebuild the backward from
+(the backward map is symmetric in the upstream gradient), one per-channel mean and one XLA-fused
+elementwise pass. TF's registered second derivative would instead rebuild the backward from
 elementwise ops and differentiate that.
 
 The layer IS a `keras.layers.BatchNormalization` (same weights, config and moving-average rule),
 so `isinstance` checks, `synchronized=True` (kood.distribute.synchronize_batchnorm) and saved
 weights keep working. It falls back to the Keras computation whenever the fused kernel does not
 apply: synchronized statistics, renorm, masks, no scale/center, non-4D inputs, channels not last,
-a non-float32 dtype, or (on a GPU) an epsilon below cuDNN's minimum.
+a dtype other than float32 (bfloat16/float16 are fused in inference), or (on a GPU) an epsilon
+below cuDNN's minimum.
+
+`MaxPool`: Keras MaxPooling2D whose backward's derivative (TF: the `MaxPoolGradGrad` kernel) is one
+XLA-fused pass for non-overlapping windows.
+
+`compute_dtype(model, dtype)`: run a float32 model's forward in bfloat16/float16 without a weight
+copy (the GReg+ candidate pool, `--pool_dtype`).
 """
 
 from __future__ import annotations
