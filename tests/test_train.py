@@ -70,7 +70,7 @@ def test_greg_plus_pool_forward_in_bfloat16_selects_like_float32_and_trains():
     """--pool_dtype=bfloat16: the candidate forward's convolutions run in bfloat16, most picks are the
     float32 ones, the layers get their float32 policies back, and training steps keep float32 weights."""
     x, y = digits_arrays([0, 1, 2, 3, 4])
-    xa, ya = digits_arrays([5, 6, 7])
+    xa, _ = digits_arrays([5, 6, 7])
     b = 16
     pool = tf.constant(xa[:3 * b], tf.float32)
     classifier = _classifier()

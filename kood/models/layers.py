@@ -217,12 +217,6 @@ class MaxPool(keras.layers.MaxPooling2D):
         return _max_pool(inputs, size)
 
 
-def _all_layers(layer):
-    yield layer
-    for sub in getattr(layer, "layers", []):
-        yield from _all_layers(sub)
-
-
 @contextlib.contextmanager
 def compute_dtype(model: keras.Model, dtype: str):
     """Layers of `model` compute in `dtype` (float32 weights cast on use) while the block traces.
@@ -236,7 +230,7 @@ def compute_dtype(model: keras.Model, dtype: str):
         with compute_dtype(net, "bfloat16"):
             out = net(tf.cast(x, "bfloat16"), training=False)
     """
-    layers = list(_all_layers(model))
+    layers = list(model._flatten_layers(include_self=True))  # also inside nested models, as in kood.distribute
     previous = [layer.dtype_policy for layer in layers]
     policy = "float32" if dtype == "float32" else f"mixed_{dtype}"
     try:
