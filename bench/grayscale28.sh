@@ -42,40 +42,33 @@ fi
 [ -f "$DATA/mnist_syn/manifest.json" ] || python -m data_prep.synthesize --real="$DATA/mnist" \
   --out="$DATA/mnist_syn" --num_images=8000 --seed=0
 
-python -m kood.bench \
-  --id_data="$DATA/mnist" --aux_data="$DATA/kmnist" --syn_data="$DATA/mnist_syn" \
-  --ood="fashion=$DATA/fashion" \
-  --methods=ce,energy,greg,greg_plus,greg+sio --seeds=3 --arch=small_cnn \
-  --pretrain_epochs=8 --finetune_epochs=5 --batch_size=64 --lr=0.05 --finetune_lr=0.01 --noaugment \
+# Flags every kood.bench run below shares: data, model, batch, no augmentation; the training schedule.
+data=(--id_data="$DATA/mnist" --aux_data="$DATA/kmnist" --ood="fashion=$DATA/fashion" --arch=small_cnn
+      --batch_size=64 --noaugment)
+schedule=(--pretrain_epochs=8 --lr=0.05 --finetune_lr=0.01)
+# Follow-ups fine-tune from the main bench's pretrained CE models.
+from_main=(--seeds=3 --init_checkpoint="$WORK/bench/pretrain/seed-{seed}/last.keras")
+
+python -m kood.bench "${data[@]}" "${schedule[@]}" --syn_data="$DATA/mnist_syn" \
+  --methods=ce,energy,greg,greg_plus,greg+sio --seeds=3 --finetune_epochs=5 \
   --detectors=msp,max_logit,mahalanobis,knn \
   --output="$WORK/bench" "$@"
 
 # Follow-up (docs/bench_grayscale28.md): the same fine-tuning from the same pretrained models with
 # margins placed at this data's energies (m_in = -12, just below the CE model's ID 5th percentile
 # of about -9; m_out = -4, about its ID 95th percentile) instead of the GReg code's -25 / -7.
-python -m kood.bench \
-  --id_data="$DATA/mnist" --aux_data="$DATA/kmnist" --syn_data="$DATA/mnist_syn" \
-  --ood="fashion=$DATA/fashion" \
-  --methods=ce,energy,greg,greg_plus,greg+sio --seeds=3 --arch=small_cnn \
-  --init_checkpoint="$WORK/bench/pretrain/seed-{seed}/last.keras" \
-  --pretrain_epochs=8 --finetune_epochs=5 --batch_size=64 --lr=0.05 --finetune_lr=0.01 --noaugment \
-  --method_flags='*:m_in=-12,m_out=-4' \
-  --output="$WORK/bench_margins" "$@"
+python -m kood.bench "${data[@]}" "${schedule[@]}" "${from_main[@]}" --syn_data="$DATA/mnist_syn" \
+  --methods=ce,energy,greg,greg_plus,greg+sio --finetune_epochs=5 \
+  --method_flags='*:m_in=-12,m_out=-4' --output="$WORK/bench_margins" "$@"
 
 # Follow-up: the adapted margins with 10 fine-tuning epochs instead of 5.
-python -m kood.bench \
-  --id_data="$DATA/mnist" --aux_data="$DATA/kmnist" --ood="fashion=$DATA/fashion" \
-  --methods=ce,energy,greg --seeds=3 --arch=small_cnn \
-  --init_checkpoint="$WORK/bench/pretrain/seed-{seed}/last.keras" \
-  --pretrain_epochs=8 --finetune_epochs=10 --batch_size=64 --lr=0.05 --finetune_lr=0.01 --noaugment \
+python -m kood.bench "${data[@]}" "${schedule[@]}" "${from_main[@]}" \
+  --methods=ce,energy,greg --finetune_epochs=10 \
   --method_flags='*:m_in=-12,m_out=-4' --output="$WORK/bench_margins10" "$@"
 
 # Follow-up: default margins with a 10x smaller energy-loss weight (lambda_S = 0.01).
-python -m kood.bench \
-  --id_data="$DATA/mnist" --aux_data="$DATA/kmnist" --ood="fashion=$DATA/fashion" \
-  --methods=ce,energy,greg --seeds=3 --arch=small_cnn \
-  --init_checkpoint="$WORK/bench/pretrain/seed-{seed}/last.keras" \
-  --pretrain_epochs=8 --finetune_epochs=5 --batch_size=64 --lr=0.05 --finetune_lr=0.01 --noaugment \
+python -m kood.bench "${data[@]}" "${schedule[@]}" "${from_main[@]}" \
+  --methods=ce,energy,greg --finetune_epochs=5 \
   --method_flags='*:energy_weight=0.01' --output="$WORK/bench_lambda" "$@"
 
 # SIO check: energy of the synthetic images vs the ID test split under greg and greg+sio (seed 0).
@@ -85,13 +78,9 @@ for m in greg greg+sio; do
 done
 
 # --budget_minutes example: one seed, epochs scaled down to fit 3 minutes.
-python -m kood.bench \
-  --id_data="$DATA/mnist" --aux_data="$DATA/kmnist" --ood="fashion=$DATA/fashion" \
-  --methods=ce,energy,greg --seeds=1 --arch=small_cnn --pretrain_epochs=8 --finetune_epochs=5 \
-  --batch_size=64 --lr=0.05 --finetune_lr=0.01 --noaugment --budget_minutes=3 --output="$WORK/bench_budget"
+python -m kood.bench "${data[@]}" "${schedule[@]}" --methods=ce,energy,greg --seeds=1 --finetune_epochs=5 \
+  --budget_minutes=3 --output="$WORK/bench_budget"
 
 # Step time and input-pipeline throughput per method as ratios to CE (same process, interleaved).
-python -m kood.bench \
-  --id_data="$DATA/mnist" --aux_data="$DATA/kmnist" --syn_data="$DATA/mnist_syn" \
-  --ood="fashion=$DATA/fashion" --methods=energy,greg,greg_plus,greg+sio --arch=small_cnn \
-  --batch_size=64 --noaugment --speed --speed_steps=20 --speed_reps=5 --output="$WORK/speed"
+python -m kood.bench "${data[@]}" --syn_data="$DATA/mnist_syn" --methods=energy,greg,greg_plus,greg+sio \
+  --speed --speed_steps=20 --speed_reps=5 --output="$WORK/speed"
