@@ -25,7 +25,7 @@ from kood.errors import ConfigError, DataError
 from kood.manifest import read_json, read_manifest, write_text_atomic
 from kood.methods import MethodConfig, method_config
 from kood.models import ARCHITECTURES, build_classifier, load_classifier
-from kood.summaries import NanGuard, TensorBoardLogger
+from kood.summaries import NanGuard, RunProgbar, TensorBoardLogger
 from kood.trainer import OODTrainer
 
 OPTIMIZERS = ("sgd", "adam")
@@ -338,12 +338,13 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
                    "replicas": strategy.num_replicas_in_sync, **dataclasses.asdict(mcfg)}
         logger = TensorBoardLogger(os.path.join(out_dir, "logs"), probe_id, probe_aux, hparams, cfg.log_every)
         guard = NanGuard()
+        verbose = cfg.verbose if sys.stderr.isatty() or cfg.verbose == 0 else 2
         for epoch in range(state["epoch"], cfg.epochs):
             start = time.time()
             trainer.fit(_epoch_data(cfg, trainer, epoch, manifest.shape, strategy, num_workers), epochs=epoch + 1,
-                        initial_epoch=epoch, steps_per_epoch=steps, callbacks=[guard, logger],
+                        initial_epoch=epoch, steps_per_epoch=steps, callbacks=[guard, logger, RunProgbar(cfg.epochs)],
                         shuffle=False,  # the pipeline shuffles (seeded per epoch); Keras can't shuffle a Dataset
-                        verbose=cfg.verbose if sys.stderr.isatty() or cfg.verbose == 0 else 2)
+                        verbose=verbose)
             if guard.failure:
                 raise FloatingPointError(
                     f"Training stopped in epoch {epoch + 1}: {guard.failure}. The last good checkpoint "
@@ -353,13 +354,17 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
                 record.update(_validate(classifier, cfg.id_data, val_split))
             _save_atomic(classifier, os.path.join(out_dir, "last.keras"))
             score = record.get("val_accuracy", -float(epoch))
-            if val_split is None or state["best"] is None or score > state["best"]:
+            improved = val_split is None or state["best"] is None or score > state["best"]
+            if improved:
                 state["best"] = score if val_split else None
                 _save_atomic(classifier, os.path.join(out_dir, "best.keras"))
             state["epoch"] = epoch + 1
             state["history"].append(record)
             state["finished"] = state["epoch"] >= cfg.epochs
             checkpoint.save(ckpt_dir, classifier, optimizer, state)
+            if verbose and val_split:
+                print(f"epoch {epoch + 1}/{cfg.epochs}: {val_split} accuracy {record['val_accuracy']:.4f}, "
+                      f"ce {record['val_ce']:.4f}{' (best so far: best.keras)' if improved else ''}", flush=True)
 
     results = final_evaluation(classifier, cfg, mcfg, manifest)
     results["model_dir"] = cfg.model_dir

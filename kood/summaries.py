@@ -1,4 +1,4 @@
-"""TensorBoard logging and the NaN guard for `kood.train` (Keras callbacks).
+"""TensorBoard logging, the NaN guard and the progress bar of `kood.train` (Keras callbacks).
 
 Writes to `MODEL_DIR/logs/`:
 - `train/`: per-step scalars (every loss term, accuracy, energies, mask fractions, lr);
@@ -97,6 +97,22 @@ class TensorBoardLogger(keras.callbacks.Callback):
             tf.summary.scalar("score_grad_norm", float(tf.reduce_mean(tf.concat(norms, 0))))
         self.epoch_writer.flush()
         self.train_writer.flush()
+
+
+class RunProgbar(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar with "Epoch i/N" counting the whole run.
+
+    `kood.run` calls `fit` once per epoch (checkpoint and validation in between), so Keras' own
+    bar would print "Epoch 7/7" for the seventh of thirty epochs.
+    """
+
+    def __init__(self, total_epochs: int):
+        super().__init__()
+        self.total_epochs = int(total_epochs)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.total_epochs
 
 
 class NanGuard(keras.callbacks.Callback):

@@ -254,3 +254,11 @@ def test_every_flagfile_parses_into_a_valid_config():
     finally:
         os.chdir(cwd)
         flags.FLAGS.unparse_flags()
+
+
+def test_progress_counts_the_whole_run_and_reports_validation(digit_sets, tmp_path, capsys):
+    run_lib.run_training(_config(digit_sets, str(tmp_path / "run"), method="energy", epochs=3, verbose=2))
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("Epoch ")] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
+    assert len([line for line in out.splitlines() if line.startswith("epoch ") and ": test accuracy" in line]) == 3
+    assert "epoch 1/3: test accuracy" in out and "(best so far: best.keras)" in out
