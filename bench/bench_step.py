@@ -17,6 +17,7 @@ the sampler (L2-normalize + k-means + per-cluster pick) on the pool's features.
 Usage:
     TF_CPP_MIN_LOG_LEVEL=2 python bench/bench_step.py [--archs=small_cnn,wrn40_2] [--reps=7] [--steps=5]
         [--parts] [--jit_compile] [--extra=greg_aux2,greg_plus_bf16] [--trace_dir=/tmp/trace] [--bn=fused,keras]
+        [--precision=mixed_bfloat16]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from absl import app, flags  # noqa: E402
 
 from kood import losses, sampling  # noqa: E402
 from kood.methods import method_config  # noqa: E402
-from kood.models import build_classifier  # noqa: E402
+from kood.models import PRECISIONS, build_classifier  # noqa: E402
 from kood.models.layers import use_batchnorm  # noqa: E402
 from kood.trainer import OODTrainer  # noqa: E402
 
@@ -57,6 +58,8 @@ flags.DEFINE_boolean("parts", False, "Also time the parts of a step (forward, ba
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step (trainer.compile(jit_compile=True)).")
 flags.DEFINE_string("trace_dir", "", "If set, write a tf.profiler trace of a few steps per method here "
                     "(open with TensorBoard's profile plugin).")
+flags.DEFINE_enum("precision", "float32", PRECISIONS,
+                  "Architecture precision (kood.train --precision).")
 flags.DEFINE_integer("threads", 0, "TF intra-op threads (0 = TF default).")
 flags.DEFINE_integer("inter_threads", 0, "TF inter-op threads (0 = TF default).")
 FLAGS = flags.FLAGS
@@ -73,7 +76,7 @@ def _make_trainer(arch: str, method: str, batch_size: int, rng: np.random.Genera
     keras.utils.set_random_seed(0)
     with use_batchnorm(bn):
         classifier = build_classifier(arch, input_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES,
-                                      mean=[125.0] * 3, std=[63.0] * 3)
+                                      mean=[125.0] * 3, std=[63.0] * 3, precision=FLAGS.precision)
     trainer = OODTrainer(classifier, method_config(preset, **overrides), seed=0)
     trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), jit_compile=FLAGS.jit_compile)
     x_id = rng.integers(0, 256, (batch_size, *IMAGE_SHAPE)).astype(np.float32)
@@ -233,7 +236,7 @@ def main(argv):
     b = FLAGS.batch_size
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
           f"load avg {os.getloadavg()[0]:.2f}, TF {tf.__version__}, Keras {keras.__version__}, "
-          f"jit_compile={FLAGS.jit_compile}, intra-op threads={FLAGS.threads or 'default'}, "
+          f"jit_compile={FLAGS.jit_compile}, precision={FLAGS.precision}, intra-op threads={FLAGS.threads or 'default'}, "
           f"inter-op threads={FLAGS.inter_threads or 'default'}")
     print(f"ID batch {b}, images {IMAGE_SHAPE}, {FLAGS.reps} rounds x {FLAGS.steps} steps, methods interleaved")
     for arch in FLAGS.archs:

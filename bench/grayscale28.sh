@@ -71,6 +71,11 @@ python -m kood.bench "${data[@]}" "${schedule[@]}" "${from_main[@]}" \
   --methods=ce,energy,greg --finetune_epochs=5 \
   --method_flags='*:energy_weight=0.01' --output="$WORK/bench_lambda" "$@"
 
+# Follow-up: the main bench's fine-tuning in mixed bfloat16 (--precision) from the same float32 CE models.
+python -m kood.bench "${data[@]}" "${schedule[@]}" "${from_main[@]}" \
+  --methods=ce,energy,greg,greg_plus --finetune_epochs=5 --precision=mixed_bfloat16 \
+  --output="$WORK/bench_bf16" "$@"
+
 # SIO check: energy of the synthetic images vs the ID test split under greg and greg+sio (seed 0).
 for m in greg greg+sio; do
   python -m kood.evaluate --model_dir="$WORK/bench/runs/$m/seed-0/last.keras" --id_data="$DATA/mnist" \

@@ -47,7 +47,7 @@ from kood.errors import ConfigError, DataError  # noqa: E402
 from kood.evaluate import evaluate, parse_detectors, parse_ood  # noqa: E402
 from kood.manifest import read_json, read_manifest, write_text_atomic  # noqa: E402
 from kood.methods import METHODS, method_config  # noqa: E402
-from kood.models import build_classifier, load_classifier  # noqa: E402
+from kood.models import PRECISIONS, build_classifier, load_classifier  # noqa: E402
 from kood.progress import Progress  # noqa: E402
 from kood.run import RunConfig  # noqa: E402
 
@@ -77,7 +77,7 @@ class BenchConfig:
             seed (e.g. another bench's `OUT/pretrain/seed-{seed}/last.keras`), else every seed uses it.
         detectors: post-hoc detectors applied to the CE baseline (`ce` must be in methods).
         budget_minutes: scale epochs down so the whole bench fits (None = no scaling).
-        batch_size, lr, finetune_lr, optimizer, weight_decay, augment, steps_per_epoch: RunConfig knobs
+        batch_size, lr, finetune_lr, optimizer, weight_decay, augment, steps_per_epoch, precision: RunConfig knobs
             (lr for pretraining, finetune_lr for fine-tuning).
         method_flags: `{method name or "*": {hyperparameter: value}}` MethodConfig overrides; `*`
             applies to every fine-tuned method, a base name (greg) also to its `+sio` variant.
@@ -110,6 +110,7 @@ class BenchConfig:
     weight_decay: float = 5e-4
     augment: bool = True
     steps_per_epoch: int = 0
+    precision: str = "float32"
     method_flags: dict = dataclasses.field(default_factory=dict)
     verbose: int = 0
 
@@ -235,7 +236,7 @@ def validate(cfg: BenchConfig) -> None:
 def _common(cfg: BenchConfig) -> dict:
     return dict(id_data=cfg.id_data, arch=cfg.arch, arch_kwargs=dict(cfg.arch_kwargs), optimizer=cfg.optimizer,
                 weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, augment=cfg.augment,
-                steps_per_epoch=cfg.steps_per_epoch, val_split="none", verbose=cfg.verbose)
+                steps_per_epoch=cfg.steps_per_epoch, precision=cfg.precision, val_split="none", verbose=cfg.verbose)
 
 
 def init_checkpoint(cfg: BenchConfig, seed: int) -> str:
@@ -326,7 +327,7 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
         base, _ = split_method(name)
         keras.utils.set_random_seed(0)
         model = build_classifier(cfg.arch, input_shape=manifest.shape, num_classes=manifest.num_classes,
-                                 mean=manifest.mean, std=manifest.std, **cfg.arch_kwargs)
+                                 mean=manifest.mean, std=manifest.std, precision=cfg.precision, **cfg.arch_kwargs)
         trainer = OODTrainer(model, method_config(base, **method_overrides(cfg, name)), seed=0)
         trainer.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9))
         batch = next(iter(_train_pipeline(cfg, name, trainer)))
@@ -835,6 +836,7 @@ def define_flags() -> None:
     flags.DEFINE_boolean("augment", True, "Random crop + horizontal flip on ID and aux images.")
     flags.DEFINE_float("sio_ratio", 0.8, "Real fraction of each batch in METHOD+sio runs.")
     flags.DEFINE_integer("steps_per_epoch", 0, "Override steps per epoch (0 = ID train images // batch).")
+    flags.DEFINE_enum("precision", "float32", PRECISIONS, "kood.train --precision of every run.")
     flags.DEFINE_string("method_flags", "",
                         "Method hyperparameter overrides: METHOD:key=value[,key=value][;METHOD:...]; METHOD may "
                         "be * (every method) or a base name (also its +sio variant), e.g. '*:m_in=-12,m_out=-5'.")
@@ -853,7 +855,7 @@ def config_from_flags(values) -> BenchConfig:
         detectors=list(values.detectors), budget_minutes=values.budget_minutes, batch_size=values.batch_size,
         lr=values.lr, finetune_lr=values.finetune_lr, optimizer=values.optimizer, weight_decay=values.weight_decay,
         augment=values.augment, sio_ratio=values.sio_ratio, steps_per_epoch=values.steps_per_epoch,
-        method_flags=parse_method_flags(values.method_flags), verbose=values.verbose)
+        precision=values.precision, method_flags=parse_method_flags(values.method_flags), verbose=values.verbose)
 
 
 def run_from_flags(values) -> dict:

@@ -24,7 +24,7 @@ from kood import checkpoint, data, distribute, losses, metrics
 from kood.errors import ConfigError, DataError
 from kood.manifest import read_json, read_manifest, write_text_atomic
 from kood.methods import MethodConfig, method_config
-from kood.models import ARCHITECTURES, build_classifier, load_classifier
+from kood.models import ARCHITECTURES, PRECISIONS, build_classifier, load_classifier
 from kood.summaries import NanGuard, RunProgbar, TensorBoardLogger
 from kood.trainer import OODTrainer
 
@@ -65,6 +65,7 @@ class RunConfig:
     log_every: int = 10
     deterministic: bool = False
     jit_compile: bool = False
+    precision: str = "float32"  # kood.models.PRECISIONS
     strategy: str = "auto"  # kood.distribute.STRATEGIES
     tpu: str = ""  # TPU name or grpc:// address for strategy="tpu"
     sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (all replicas)
@@ -74,6 +75,8 @@ class RunConfig:
 def validate(cfg: RunConfig) -> MethodConfig:
     """Checks flags and their combinations before any work; returns the method config."""
     mcfg = method_config(cfg.method, **cfg.method_overrides)
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {PRECISIONS}. Received: precision={cfg.precision!r}")
     if cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"--arch: unknown architecture. Known: {sorted(ARCHITECTURES)}. Received: arch={cfg.arch!r}")
     if not 0.0 < cfg.sio_ratio <= 1.0:
@@ -135,7 +138,9 @@ def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
     sig = _run_signature(cfg)
     if os.path.exists(path):
         old = read_json(path, "run config")
-        diff = {k: (old.get(k), v) for k, v in sig.items() if old.get(k) != v}
+        # A setting added after the run started is compared with its default.
+        defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+        diff = {k: (old.get(k, defaults.get(k)), v) for k, v in sig.items() if old.get(k, defaults.get(k)) != v}
         if diff:
             raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with other settings "
                               f"(saved vs now: {diff}); use a new --model_dir to start another run")
@@ -146,7 +151,7 @@ def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
 
 def _build_classifier(cfg: RunConfig, manifest) -> keras.Model:
     model = build_classifier(cfg.arch, input_shape=manifest.shape, num_classes=manifest.num_classes,
-                             mean=manifest.mean, std=manifest.std, **cfg.arch_kwargs)
+                             mean=manifest.mean, std=manifest.std, precision=cfg.precision, **cfg.arch_kwargs)
     if cfg.init_checkpoint:
         source = load_classifier(cfg.init_checkpoint)
         mine, theirs = model.weights, source.weights

@@ -28,6 +28,7 @@ from absl import app, flags
 from kood.distribute import STRATEGIES
 from kood.errors import ConfigError, DataError
 from kood.methods import GRAD_SPACES, METHODS, POOL_DTYPES, SAMPLERS, SCORE_LOSSES, MethodConfig
+from kood.models import PRECISIONS
 from kood.run import OPTIMIZERS, SCHEDULES, RunConfig
 
 _D = MethodConfig()  # preset-free defaults, shown in --help
@@ -87,6 +88,12 @@ flags.DEFINE_integer("batch_size", 64, "GLOBAL ID batch size B, split evenly ove
 flags.DEFINE_integer("seed", 0, "Random seed (weights, data order, sampler).")
 flags.DEFINE_boolean("deterministic", False, "Enable TF op determinism (bit-exact reruns and resumes; slower).")
 flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step.")
+flags.DEFINE_enum("precision", "float32", PRECISIONS,
+                  "float32, or mixed_bfloat16: the architecture computes in bfloat16 (float32 weights, BatchNorm "
+                  "statistics, input normalization, features and logits) on GPUs from Ampere, TPUs and AVX512-BF16 "
+                  "CPUs. The GReg+ pool forward follows --pool_dtype (add --pool_dtype=bfloat16). float16 is not "
+                  "offered: it needs loss scaling, and the GReg penalty's inner gradient (of a batch mean, ~1/B "
+                  "per sample) its own scale, which kood does not implement.")
 
 # Distribution (docs/distributed.md).
 flags.DEFINE_enum("strategy", "auto", STRATEGIES,
@@ -135,7 +142,7 @@ def config_from_flags() -> RunConfig:
     values = {name: FLAGS[name].value for name in (
         "sio_ratio", "arch", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "min_lr",
         "lr_gamma", "epochs", "steps_per_epoch", "batch_size", "augment", "seed", "init_checkpoint", "val_split",
-        "log_every", "deterministic", "jit_compile", "verbose", "aux_data", "syn_data", "strategy", "tpu",
+        "log_every", "deterministic", "jit_compile", "precision", "verbose", "aux_data", "syn_data", "strategy", "tpu",
         "sync_batchnorm")}
     ood = _parse_kv(FLAGS.ood_data, "ood_data")
     id_data = FLAGS.id_data

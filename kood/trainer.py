@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from kood import losses, sampling
 from kood.methods import MethodConfig
-from kood.models import normalized_model
+from kood.models import model_precision, normalized_model
 from kood.models.layers import compute_dtype
 
 METRIC_NAMES = ("loss", "ce_loss", "energy_loss", "oe_loss", "grad_penalty", "accuracy", "weight_grad_norm",
@@ -55,6 +55,7 @@ class OODTrainer(keras.Model):
         self.seed = int(seed)
         self.normalize = classifier.get_layer("normalize")
         self.net = normalized_model(classifier)
+        self._compute_dtype = "bfloat16" if model_precision(classifier) == "mixed_bfloat16" else "float32"
         self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
         # Per-channel factor turning a gradient w.r.t. the normalized input into one w.r.t. pixels.
         std = tf.sqrt(tf.cast(self.normalize.variance, tf.float32))
@@ -90,7 +91,7 @@ class OODTrainer(keras.Model):
         `replica` = (id, count) seeds the draw as that replica would (default: the current one).
         """
         x = self.normalize(pool)
-        if self.config.pool_dtype == "float32":
+        if self.config.pool_dtype == self._compute_dtype:
             out = self.net(x, training=False)
         else:
             with compute_dtype(self.net, self.config.pool_dtype):

@@ -20,10 +20,11 @@ import numpy as np
 def _compare_main(method: str, root: str, out: str, sync_batchnorm: str = "1") -> None:
     """Trains `method` on one device and on MirroredStrategy over two logical CPUs; writes losses.
 
-    `method` may carry method flags: "greg_plus,pool_dtype=bfloat16".
+    `method` may carry method flags and `precision`: "greg_plus,pool_dtype=bfloat16,precision=mixed_bfloat16".
     """
     method, *pairs = method.split(",")
     overrides = dict(pair.split("=", 1) for pair in pairs)
+    precision = overrides.pop("precision", "float32")
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -49,7 +50,7 @@ def _compare_main(method: str, root: str, out: str, sync_batchnorm: str = "1") -
         cfg = run_lib.RunConfig(model_dir=os.path.join(root, name), id_data=dirs["id"], aux_data=dirs["aux"],
                                 method=method, method_overrides=overrides, epochs=2, steps_per_epoch=3, batch_size=16, lr=0.05,
                                 log_every=1, deterministic=True, sync_batchnorm=sync_batchnorm == "1", val_split="none",
-                                strategy=strategy, verbose=0)
+                                strategy=strategy, precision=precision, verbose=0)
         replicas = run_lib.run_training(cfg)["replicas"]
         model = keras.models.load_model(os.path.join(cfg.model_dir, "last.keras"))
         result[name] = {"losses": _step_scalars(os.path.join(cfg.model_dir, "logs", "train"), "loss"),

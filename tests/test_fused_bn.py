@@ -41,7 +41,7 @@ def _first_and_second(layer, x, w, training):
         with tf.GradientTape() as inner:
             inner.watch(x)
             y = layer(x, training=training)
-            score = tf.reduce_sum(tf.sin(y) * w)
+            score = tf.reduce_sum(tf.sin(tf.cast(y, tf.float32)) * w)
         gx, g_gamma, g_beta = inner.gradient(score, [x, layer.gamma, layer.beta])
         # As in losses.grad_norm_per_sample: the norm of each sample's input gradient; plus terms on the
         # weight gradients (a penalty on those also differentiates them again).
@@ -196,7 +196,7 @@ def test_batch_norm_helper_and_bad_kind():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_inference_uses_the_fused_kernel(dtype):
     """Under `compute_dtype` (the GReg+ pool forward) inference takes half-precision activations in one
-    fused kernel, close to float32; training-mode statistics stay on Keras' float32 path."""
+    fused kernel, close to float32."""
     _, fused = _pair()
     x, _ = _data()
     expected = fused(x, training=False)
@@ -209,3 +209,25 @@ def test_half_precision_inference_uses_the_fused_kernel(dtype):
         tf.abs(expected))))
     assert [op.get_attr("T") for op in graph.get_operations() if op.type == "FusedBatchNormV3"] == [tf.as_dtype(dtype)]
     assert fused.dtype_policy.name == "float32"
+
+
+def test_mixed_bfloat16_training_normalizes_in_float32_on_the_fused_path():
+    """Under a mixed policy, training-mode BN casts the bfloat16 activations to float32 for the fused
+    kernels (statistics and both derivatives), like Keras; results match float32 to bfloat16 rounding."""
+    _, fused = _pair()
+    mixed = FusedBatchNorm(momentum=0.9, epsilon=1e-3, dtype="mixed_bfloat16")
+    mixed.build(SHAPE)
+    mixed.set_weights(fused.get_weights())
+    x, w = _data()
+    ref = _first_and_second(fused, x, w, True)
+    got = _first_and_second(mixed, x, w, True)
+    assert got[0].dtype == tf.bfloat16
+    names = ["y", "dS/dx", "dS/dgamma", "d penalty/dgamma", "d penalty/dbeta", "d penalty/dx"]
+    for name, a, b in zip(names, ref, got):
+        a, b = np.asarray(a, np.float32), np.asarray(tf.cast(b, tf.float32))
+        np.testing.assert_allclose(b, a, atol=0.05 * np.abs(a).max(), err_msg=name)
+    graph = tf.function(lambda t: mixed(t, training=True)).get_concrete_function(
+        tf.TensorSpec(SHAPE, tf.bfloat16)).graph
+    kernels = [op.get_attr("T") for op in graph.get_operations() if op.type == "FusedBatchNormV3"]
+    assert kernels == [tf.float32]
+    np.testing.assert_allclose(mixed.moving_mean.numpy(), fused.moving_mean.numpy(), rtol=0.02, atol=1e-3)

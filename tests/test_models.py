@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from kood.errors import ConfigError, DataError
-from kood.models import (ARCHITECTURES, build_classifier, load_classifier, normalized_model,
+from kood.models import (ARCHITECTURES, build_classifier, load_classifier, model_precision, normalized_model,
                          outputs_model)
 from tests.model_helpers import tiny_classifier, tiny_images
 
@@ -202,3 +202,31 @@ def test_load_classifier_refuses_a_load_keras_only_warns_about(tmp_path, monkeyp
     monkeypatch.setattr(keras.models, "load_model", warning_load)
     with pytest.raises(DataError, match="m.keras loaded only partially"):
         load_classifier(str(tmp_path / "m.keras"))
+
+
+@pytest.mark.parametrize("arch,data,kwargs", [FAST[0], FAST[3], FAST[5]])
+def test_mixed_bfloat16_computes_in_bfloat16_with_float32_weights_and_outputs(arch, data, kwargs, tmp_path):
+    model = build_classifier(arch, num_classes=7, precision="mixed_bfloat16", **data, **kwargs)
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    convs = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Conv2D)]
+    assert convs and all(layer.compute_dtype == "bfloat16" for layer in convs)
+    assert all(w.dtype == "float32" for w in model.weights)
+    assert [model.get_layer(n).compute_dtype for n in ("normalize", "features", "classifier")] == ["float32"] * 3
+    x = tiny_images(3, data["input_shape"])
+    out = outputs_model(model)(x)
+    assert out["logits"].dtype == tf.float32 and out["features"].dtype == tf.float32
+    reference = build_classifier(arch, num_classes=7, **data, **kwargs)
+    reference.set_weights(model.get_weights())
+    expected = reference(x).numpy()
+    np.testing.assert_allclose(model(x).numpy(), expected, atol=0.05 * np.abs(expected).max())
+    assert not np.array_equal(model(x).numpy(), expected)  # really computed in bfloat16
+    assert model_precision(_round_trip(model, tmp_path, x)) == "mixed_bfloat16"
+    assert model_precision(reference) == "float32"
+
+
+def test_precision_errors_restore_the_global_policy():
+    with pytest.raises(ConfigError, match="precision='mixed_float16'"):
+        build_classifier("small_cnn", num_classes=2, precision="mixed_float16", **RGB)
+    with pytest.raises(ConfigError, match="stem"):
+        build_classifier("resnet18", num_classes=2, precision="mixed_bfloat16", stem="tiny", **RGB)
+    assert keras.config.dtype_policy().name == "float32"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -93,6 +95,43 @@ def test_greg_plus_pool_forward_in_bfloat16_selects_like_float32_and_trains():
     assert all(np.isfinite(v.numpy()).all() for v in classifier.weights)
 
 
+def test_mixed_bfloat16_greg_plus_matches_float32_and_trains():
+    """--precision=mixed_bfloat16: the loss terms (GReg penalty included) match the float32 model with the
+    same weights to bfloat16 rounding; the pool forward follows --pool_dtype (float32 by default: the
+    float32 model's exact picks); training keeps float32 weights and lowers the loss."""
+    x, y = digits_arrays([0, 1, 2, 3, 4])
+    xa, _ = digits_arrays([5, 6, 7])
+    b = 16
+    x_id, y_id = tf.constant(x[:b], tf.float32), tf.constant(y[:b])
+    pool = tf.constant(xa[:3 * b], tf.float32)
+    reference = _classifier()
+    mixed = build_classifier("small_cnn", input_shape=(8, 8, 1), num_classes=5, mean=[60.0], std=[80.0],
+                             precision="mixed_bfloat16")
+    mixed.set_weights(reference.get_weights())
+    trainers = {}
+    for name, model in (("float32", reference), ("mixed", mixed)):
+        trainers[name] = OODTrainer(model, method_config("greg_plus", cluster_k=4, pool_factor=3))
+        trainers[name].compile(optimizer=keras.optimizers.SGD(0.02, momentum=0.9))
+        trainers[name].optimizer.build(model.trainable_variables)
+    picks = {name: t.select_outliers(pool, b).numpy() for name, t in trainers.items()}
+    np.testing.assert_array_equal(picks["mixed"], picks["float32"])
+    aux = tf.gather(pool, picks["float32"])
+    terms = {name: t.compute_losses(x_id, y_id, aux, training=True) for name, t in trainers.items()}
+    for key in ("ce_loss", "energy_loss", "grad_penalty", "loss"):
+        expected = float(terms["float32"][key])
+        assert expected > 0 and abs(float(terms["mixed"][key]) - expected) < 0.05 * expected, key
+    bf16 = OODTrainer(mixed, method_config("greg_plus", cluster_k=4, pool_factor=3, pool_dtype="bfloat16"))
+    bf16.compile(optimizer=keras.optimizers.SGD(0.02))
+    bf16.optimizer.build(mixed.trainable_variables)
+    assert len(set(bf16.select_outliers(pool, b).numpy().tolist()) & set(picks["float32"].tolist())) >= 0.75 * 2 * b
+    trainer = trainers["mixed"]
+    before = float(trainer.compute_losses(x_id, y_id, aux, training=False)["loss"])
+    trainer.fit(tf.data.Dataset.from_tensors(((x_id, y_id), pool)).repeat(), steps_per_epoch=25, epochs=1, verbose=0)
+    after = float(trainer.compute_losses(x_id, y_id, aux, training=False)["loss"])
+    assert after < 0.8 * before, (before, after)
+    assert all(v.dtype == "float32" and np.isfinite(v.numpy()).all() for v in mixed.weights)
+
+
 def _event_tags(log_dir: str) -> set[str]:
     tags = set()
     for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
@@ -117,6 +156,22 @@ def test_run_trains_evaluates_and_logs_the_named_tags(digit_sets, tmp_path):
     assert expected <= tags, expected - tags
 
 
+def test_mixed_bfloat16_run_saves_evaluates_and_exports(digit_sets, tmp_path):
+    from kood.export import export_detector
+    from kood.models import load_classifier, model_precision
+
+    model_dir = str(tmp_path / "run")
+    results = run_lib.run_training(_config(digit_sets, model_dir, precision="mixed_bfloat16", epochs=1))
+    assert np.isfinite(results["ood"]["ood"]["auroc"])
+    model = load_classifier(model_dir)
+    assert model_precision(model) == "mixed_bfloat16"
+    export_detector(model_dir, str(tmp_path / "export"))
+    images = digits_arrays([0, 1, 2, 3, 4])[0][:32]
+    served = tf.saved_model.load(str(tmp_path / "export")).signatures["serving_default"](images=tf.constant(images))
+    assert served["logits"].dtype == tf.float32
+    np.testing.assert_allclose(served["logits"].numpy(), model(images.astype("float32")).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_finished_run_is_not_retrained(digit_sets, tmp_path):
     cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1)
     run_lib.run_training(cfg)
@@ -130,6 +185,7 @@ def test_finished_run_is_not_retrained(digit_sets, tmp_path):
     (dict(sio_ratio=1.5, syn_data="x"), "--sio_ratio"),
     (dict(aux_data=None), "--aux_data"),
     (dict(arch="resnet9000"), "--arch"),
+    (dict(precision="mixed_float16"), "--precision"),
     (dict(method="nope"), "--method"),
     (dict(method_overrides={"m_in": -5.0, "m_out": -7.0}), "--m_in"),
     (dict(schedule="multistep"), "--lr_milestones"),
@@ -149,6 +205,21 @@ def test_resumed_run_must_keep_its_settings(digit_sets, tmp_path):
     cfg.lr = 0.5
     with pytest.raises(ConfigError, match="other settings"):
         run_lib.run_training(cfg)
+
+
+def test_setting_added_after_a_run_started_resumes_at_its_default(digit_sets, tmp_path):
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=2)
+    run_lib.run_training(dataclasses.replace(cfg, epochs=1))
+    path = os.path.join(cfg.model_dir, "config.json")
+    saved = json.load(open(path))
+    saved["epochs"] = 2  # the longer run is the one resumed below
+    del saved["precision"]  # as written by a kood without the setting
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    with pytest.raises(ConfigError, match="'precision': \\('float32', 'mixed_bfloat16'\\)"):
+        run_lib.run_training(dataclasses.replace(cfg, precision="mixed_bfloat16"))
+    run_lib.run_training(cfg)
+    assert open(os.path.join(cfg.model_dir, "ckpt", "latest")).read().strip() == "epoch-00002"
 
 
 def test_corrupt_run_config_is_named_and_left_alone(digit_sets, tmp_path):

@@ -38,12 +38,15 @@ ARCHITECTURES: dict[str, Callable] = {
 }
 
 REQUIRED_LAYERS = ("normalize", "features", "classifier")
+# float32, or mixed bfloat16 (float32 weights and statistics; bfloat16 has float32's exponent range, so no
+# loss scaling). float16 would need loss scaling of the loss and of the GReg penalty's inner gradient: not done.
+PRECISIONS = ("float32", "mixed_bfloat16")
 # Phrases of the Keras warnings emitted when a saved file is loaded only in part.
 _PARTIAL_LOAD_HINTS = ("Skipping", "freshly-initialized", "could not be loaded", "mismatch")
 
 
 def build_classifier(arch: str, *, input_shape: Sequence[int], num_classes: int, mean: Sequence[float],
-                     std: Sequence[float], **arch_kwargs) -> keras.Model:
+                     std: Sequence[float], precision: str = "float32", **arch_kwargs) -> keras.Model:
     """Builds `pixels -> normalize -> arch -> features -> classifier` (logits).
 
     Args:
@@ -52,6 +55,8 @@ def build_classifier(arch: str, *, input_shape: Sequence[int], num_classes: int,
         num_classes: number of logits K.
         mean: per-channel mean in pixel units (len C), e.g. the manifest's `mean`.
         std: per-channel std in pixel units (len C), all > 0.
+        precision: "float32", or "mixed_bfloat16": the architecture's layers compute in bfloat16
+            (float32 weights, cast on use); normalization, features and logits stay float32.
         **arch_kwargs: options of the architecture's builder (see its docstring).
 
     Returns:
@@ -77,19 +82,38 @@ def build_classifier(arch: str, *, input_shape: Sequence[int], num_classes: int,
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
         raise ConfigError(f"`std` must be finite and > 0 and `mean` finite. Received: mean={mean.tolist()}, "
                           f"std={std.tolist()}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"`precision` must be one of {PRECISIONS}. Received: precision={precision!r}")
     builder = ARCHITECTURES[arch]
+    # Input normalization, features and logits stay float32 under a mixed policy: the GReg penalty is a
+    # gradient w.r.t. the normalized input, and energies / detectors need float32 logits and features.
     inputs = keras.Input(shape=input_shape, dtype="float32", name="pixels")
-    x = keras.layers.Normalization(mean=mean, variance=std.astype(np.float64) ** 2, name="normalize")(inputs)
+    x = keras.layers.Normalization(mean=mean, variance=std.astype(np.float64) ** 2, name="normalize",
+                                   dtype="float32")(inputs)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
     try:
         features = builder(x, int(num_classes), **arch_kwargs)
     except TypeError as e:  # unknown keyword: name the architecture and its options
         raise ConfigError(f"{arch}: bad option ({e}). See kood.models.{builder.__name__}'s docstring. "
                           f"Received: arch_kwargs={arch_kwargs}") from e
+    finally:
+        keras.config.set_dtype_policy(previous)
     if len(features.shape) != 2:
         raise ConfigError(f"{arch} builder must return [B, D] features. Received: shape={features.shape}")
-    features = keras.layers.Activation("linear", name="features")(features)
-    logits = keras.layers.Dense(int(num_classes), name="classifier")(features)
+    features = keras.layers.Activation("linear", name="features", dtype="float32")(features)
+    logits = keras.layers.Dense(int(num_classes), name="classifier", dtype="float32")(features)
     return keras.Model(inputs, logits, name=arch)
+
+
+def model_precision(model: keras.Model) -> str:
+    """The `precision` a classifier was built with: "mixed_bfloat16" if any layer computes in bfloat16.
+
+    Example:
+        model_precision(load_classifier("runs/c10_greg"))   # "float32"
+    """
+    names = {layer.dtype_policy.name for layer in model._flatten_layers(include_self=False)}
+    return "mixed_bfloat16" if "mixed_bfloat16" in names else "float32"
 
 
 def _check_classifier(model: keras.Model, what: str) -> None:

@@ -15,8 +15,8 @@ The layer IS a `keras.layers.BatchNormalization` (same weights, config and movin
 so `isinstance` checks, `synchronized=True` (kood.distribute.synchronize_batchnorm) and saved
 weights keep working. It falls back to the Keras computation whenever the fused kernel does not
 apply: synchronized statistics, renorm, masks, no scale/center, non-4D inputs, channels not last,
-a dtype other than float32 (bfloat16/float16 are fused in inference), or (on a GPU) an epsilon
-below cuDNN's minimum.
+or (on a GPU) an epsilon below cuDNN's minimum. bfloat16/float16 activations (mixed precision)
+are normalized in float32 in training and by the half-precision kernel in inference.
 
 `MaxPool`: Keras MaxPooling2D whose backward's derivative (TF: the `MaxPoolGradGrad` kernel) is one
 XLA-fused pass for non-overlapping windows.
@@ -126,10 +126,8 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
         x = FusedBatchNorm(momentum=0.9, epsilon=1e-5)(keras.layers.Conv2D(16, 3)(inputs))
     """
 
-    def _fused_applies(self, inputs, mask, batch_statistics: bool) -> bool:
-        # Training-mode statistics (and their derivatives) are float32 only; inference also takes
-        # bfloat16/float16 activations (float32 statistics), e.g. the GReg+ pool forward under `compute_dtype`.
-        dtypes = ("float32",) if batch_statistics else ("float32", "bfloat16", "float16")
+    def _fused_applies(self, inputs, mask) -> bool:
+        dtypes = ("float32", "bfloat16", "float16")
         return (mask is None and not self.synchronized and not self.renorm and self.scale and self.center
                 and len(inputs.shape) == 4 and self.axis in (-1, 3)
                 and keras.backend.standardize_dtype(inputs.dtype) in dtypes
@@ -138,14 +136,16 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
 
     def call(self, inputs, training=None, mask=None):
         batch_statistics = bool(training and self.trainable)
-        if not self._fused_applies(inputs, mask, batch_statistics):
+        if not self._fused_applies(inputs, mask):
             return super().call(inputs, training=training, mask=mask)
         gamma, beta = tf.convert_to_tensor(self.gamma), tf.convert_to_tensor(self.beta)
         if batch_statistics:
-            y, mean, variance = _batch_norm_train(inputs, gamma, beta, self.epsilon)
+            # Statistics and both derivatives in float32 (as Keras does for bfloat16/float16 activations).
+            y, mean, variance = _batch_norm_train(tf.cast(inputs, tf.float32), gamma, beta, self.epsilon)
             self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
             self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
-            return y
+            return tf.cast(y, inputs.dtype)
+        # Inference takes bfloat16/float16 activations directly (float32 statistics).
         return tf.raw_ops.FusedBatchNormV3(
             x=inputs, scale=gamma, offset=beta, mean=tf.convert_to_tensor(self.moving_mean),
             variance=tf.convert_to_tensor(self.moving_variance), epsilon=self.epsilon, exponential_avg_factor=1.0,
