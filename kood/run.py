@@ -166,6 +166,20 @@ def _build_classifier(cfg: RunConfig, manifest) -> keras.Model:
     return model
 
 
+def _describe(cfg: RunConfig, mcfg: MethodConfig, manifest, steps: int, aux_batch: int, epoch: int) -> str:
+    """What is about to run, in two lines: the method's resolved flags, then model, data and schedule."""
+    flags = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(mcfg).items())
+    aux = f" + {aux_batch} auxiliary" if mcfg.uses_aux else ""
+    if mcfg.uses_aux and mcfg.sampler == "energy_cluster":
+        aux = f" + {2 * cfg.batch_size} auxiliary chosen from {aux_batch} candidates"
+    sio = f" ({1 - cfg.sio_ratio:.0%} synthetic from {cfg.syn_data})" if cfg.sio_ratio < 1 else ""
+    start = f"from epoch {epoch + 1} " if epoch else ""
+    return (f"method {cfg.method}: {flags}\n"
+            f"{cfg.arch} ({cfg.precision}) on {manifest.count('train')} {cfg.id_data} train images: "
+            f"{steps} steps/epoch x {cfg.epochs} epochs {start}of {cfg.batch_size} ID images{sio}{aux}, "
+            f"{cfg.optimizer} lr {cfg.lr} ({cfg.schedule}); run dir {cfg.model_dir}")
+
+
 def _val_split(cfg: RunConfig, manifest) -> str | None:
     if cfg.val_split == "none":
         return None
@@ -338,6 +352,9 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
         if mcfg.uses_aux:
             probe_aux = next(iter(data.eval_dataset(cfg.aux_data, next(iter(read_manifest(cfg.aux_data).splits)),
                                                     batch_size=trainer.aux_batch_size(cfg.batch_size))))[0]
+        if cfg.verbose:
+            print(_describe(cfg, mcfg, manifest, steps, trainer.aux_batch_size(cfg.batch_size), state["epoch"]),
+                  file=sys.stderr, flush=True)
         hparams = {"method": cfg.method, "arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr,
                    "batch_size": cfg.batch_size, "epochs": cfg.epochs, "sio_ratio": cfg.sio_ratio, "seed": cfg.seed,
                    "replicas": strategy.num_replicas_in_sync, **dataclasses.asdict(mcfg)}

@@ -328,8 +328,14 @@ def test_every_flagfile_parses_into_a_valid_config():
 
 
 def test_progress_counts_the_whole_run_and_reports_validation(digit_sets, tmp_path, capsys):
-    run_lib.run_training(_config(digit_sets, str(tmp_path / "run"), method="energy", epochs=3, verbose=2))
-    out = capsys.readouterr().out
+    run_lib.run_training(_config(digit_sets, str(tmp_path / "run"), method="energy", epochs=3, verbose=2,
+                                 sio_ratio=0.75, syn_data=digit_sets["syn"]))
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "method energy: score_loss=energy, energy_weight=0.1, oe_weight=" in captured.err
+    assert "small_cnn (float32) on 600 " in captured.err
+    assert "3 steps/epoch x 3 epochs of 16 ID images (25% synthetic from " in captured.err
+    assert "+ 16 auxiliary" in captured.err
     assert [line for line in out.splitlines() if line.startswith("Epoch ")] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
     assert len([line for line in out.splitlines() if line.startswith("epoch ") and ": test accuracy" in line]) == 3
     assert "epoch 1/3: test accuracy" in out and "(best so far: best.keras)" in out
