@@ -2,8 +2,8 @@
 # Real-data comparison table (docs/bench_grayscale28.md): ID = MNIST (8000 train / 2000 test),
 # auxiliary outliers = KMNIST (10000), held-out OOD = Fashion-MNIST (900), synthetic ID = a GMM
 # generator (data_prep.synthesize) fit on the MNIST train split. small_cnn, 3 seeds. Then the same
-# bench with margins adapted to this data and with a smaller lambda_S (from the same pretrained
-# models), an SIO check, and a --speed run.
+# bench with margins adapted to this data, with a smaller lambda_S and in mixed bfloat16 (from the
+# same pretrained models), an SIO check, and a --speed run.
 # --noaugment: the default random crop + horizontal flip would mirror digits (a flipped digit is
 # not an MNIST digit, and the energy loss would pull such images to low energy).
 #
