@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from kood.models import build_classifier
 
@@ -47,3 +48,37 @@ def blobs(num_blobs: int, per_blob: int, dim: int = 8, spread: float = 0.05, see
     points = centers[labels] + rng.normal(0, spread, (len(labels), dim))
     order = rng.permutation(len(labels))
     return points[order].astype("float32"), labels[order]
+
+
+def double_backprop_terms(layer, x, w):
+    """y, dS/dx and d(sum (dS/dx)^2 * w2)/dx along the double-backprop path, S = sum(sin(y) * w).
+
+    How the GReg penalty differentiates a layer: an input gradient, then its gradient again.
+    """
+    w2 = tf.reshape(tf.range(tf.size(x), dtype=tf.float32) % 7.0, x.shape)
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            y = layer(x)
+            score = tf.reduce_sum(tf.sin(tf.cast(y, tf.float32)) * w)
+        gx = inner.gradient(score, x)
+        penalty = tf.reduce_sum(tf.square(gx) * w2)
+    return y, gx, outer.gradient(penalty, x)
+
+
+def penalty_grad_op_types(layer, shape, dtype=tf.float32) -> list[str]:
+    """Op types (with repeats) of the graph of d(sum (dS/dx)^2)/dx for `layer`, S = sum(sin(layer(x)))."""
+
+    @tf.function
+    def penalty_grad(x):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                score = tf.reduce_sum(tf.sin(layer(x)))
+            penalty = tf.reduce_sum(tf.square(inner.gradient(score, x)))
+        return outer.gradient(penalty, x)
+
+    graph = penalty_grad.get_concrete_function(tf.TensorSpec(shape, dtype)).graph
+    return [op.type for op in graph.get_operations()]

@@ -7,21 +7,7 @@ import pytest
 import tensorflow as tf
 
 from kood.models.layers import MaxPool
-
-
-def _derivatives(layer, x, w):
-    """y, dS/dx and d(sum dS/dx ** 2 * w2)/dx along the double-backprop path, S = sum(sin(y) * w)."""
-    w2 = tf.reshape(tf.range(tf.size(x), dtype=tf.float32) % 7.0, x.shape)
-    with tf.GradientTape() as outer:
-        outer.watch(x)
-        with tf.GradientTape() as inner:
-            inner.watch(x)
-            y = layer(x)
-            score = tf.reduce_sum(tf.sin(y) * w)
-        gx = inner.gradient(score, x)
-        penalty = tf.reduce_sum(tf.square(gx) * w2)
-    # The input gradient is piecewise constant in x's argmax pattern: its x-derivative only goes through y.
-    return y, gx, outer.gradient(penalty, x)
+from tests.model_helpers import double_backprop_terms, penalty_grad_op_types
 
 
 def _inputs(shape, relu, seed=0):
@@ -38,8 +24,8 @@ def test_values_and_derivatives_match_keras(relu, size):
     shape = (3, 6 * size, 4 * size, 5)
     x = _inputs(shape, relu)
     w = tf.constant(np.random.default_rng(1).normal(size=(3, 6, 4, 5)).astype("float32"))
-    ref = _derivatives(keras.layers.MaxPooling2D(size), x, w)
-    got = _derivatives(MaxPool(size), x, w)
+    ref = double_backprop_terms(keras.layers.MaxPooling2D(size), x, w)
+    got = double_backprop_terms(MaxPool(size), x, w)
     for name, a, b in zip(["y", "dS/dx", "d penalty/dx"], ref, got):
         a, b = np.asarray(a), np.asarray(b)
         assert np.abs(a).max() > 1e-3, name
@@ -49,23 +35,9 @@ def test_values_and_derivatives_match_keras(relu, size):
 
 
 def test_fast_path_replaces_max_pool_grad_grad_and_other_configs_fall_back():
-    def op_types(layer, shape):
-        @tf.function
-        def penalty_grad(x):
-            with tf.GradientTape() as outer:
-                outer.watch(x)
-                with tf.GradientTape() as inner:
-                    inner.watch(x)
-                    score = tf.reduce_sum(tf.sin(layer(x)))
-                penalty = tf.reduce_sum(tf.square(inner.gradient(score, x)))
-            return outer.gradient(penalty, x)
-
-        graph = penalty_grad.get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
-        return {op.type for op in graph.get_operations()}
-
-    assert "MaxPoolGradGrad" not in op_types(MaxPool(2), (2, 8, 8, 3))
-    assert "MaxPoolGradGrad" in op_types(MaxPool(3, strides=2, padding="same"), (2, 8, 8, 3))
-    assert "MaxPoolGradGrad" in op_types(MaxPool(2), (2, 7, 8, 3))  # a row left over: Keras' layer
+    assert "MaxPoolGradGrad" not in penalty_grad_op_types(MaxPool(2), (2, 8, 8, 3))
+    assert "MaxPoolGradGrad" in penalty_grad_op_types(MaxPool(3, strides=2, padding="same"), (2, 8, 8, 3))
+    assert "MaxPoolGradGrad" in penalty_grad_op_types(MaxPool(2), (2, 7, 8, 3))  # a row left over: Keras' layer
     x = _inputs((2, 7, 7, 3), relu=False)
     np.testing.assert_array_equal(MaxPool(3, strides=2, padding="same")(x),
                                   keras.layers.MaxPooling2D(3, strides=2, padding="same")(x))

@@ -2,10 +2,10 @@
 
 Every classifier is a functional Keras model
 `float32 pixels [B, H, W, C] -> normalize -> architecture -> features -> classifier (logits [B, K])`,
-built from stock Keras layers plus two subclasses with fast exact second derivatives (GReg's double
-backprop) in `kood.models.layers`: `FusedBatchNorm` (a BatchNormalization on TF's fused kernels) and
-`MaxPool` (small_cnn's pooling). They are registered as "kood>FusedBatchNorm" / "kood>MaxPool", so
-`keras.models.load_model` needs no custom objects once `kood.models` is imported.
+built from stock Keras layers plus subclasses with fast exact second derivatives (GReg's double
+backprop) in `kood.models.layers`: `FusedBatchNorm` (a BatchNormalization on TF's fused kernels),
+`MaxPool` (small_cnn's pooling), `ReLU` and `GlobalAveragePool`. They are registered as "kood>..."
+serializables, so `keras.models.load_model` needs no custom objects once `kood.models` is imported.
 Weight decay is the optimizer's job (`weight_decay=`): no kernel regularizers here.
 
 Example:

@@ -6,11 +6,11 @@ import keras
 
 from kood.errors import ConfigError
 from kood.models._checks import check_choice, check_int, check_rate
-from kood.models.layers import batch_norm
+from kood.models.layers import GlobalAveragePool, ReLU, batch_norm
 
 
 def _bn_relu(x):
-    return keras.layers.ReLU()(batch_norm(momentum=0.9, epsilon=1e-5)(x))
+    return ReLU()(batch_norm(momentum=0.9, epsilon=1e-5)(x))
 
 
 def _conv(x, filters: int, kernel: int):
@@ -61,7 +61,7 @@ def densenet_bc(x, num_classes: int, *, depth: int = 100, growth: int = 12, redu
             x = drop(_conv(_bn_relu(x), channels, 1))
             x = keras.layers.AveragePooling2D(2)(x)
     x = _bn_relu(x)
-    return keras.layers.GlobalAveragePooling2D()(x)
+    return GlobalAveragePool()(x)
 
 
 def densenet121(x, num_classes: int, *, weights: str = "none"):

@@ -21,6 +21,10 @@ are normalized in float32 in training and by the half-precision kernel in infere
 `MaxPool`: Keras MaxPooling2D whose backward's derivative (TF: the `MaxPoolGradGrad` kernel) is one
 XLA-fused pass for non-overlapping windows.
 
+`ReLU` and `GlobalAveragePool`: Keras' layers without the all-zero or discarded terms TF's registered
+second derivatives compute (a zeros tensor added per ReLU; a derivative w.r.t. the element count of
+a mean).
+
 `compute_dtype(model, dtype)`: run a float32 model's forward in bfloat16/float16 without a weight
 copy (the GReg+ candidate pool, `--pool_dtype`).
 """
@@ -215,6 +219,67 @@ class MaxPool(keras.layers.MaxPooling2D):
                 or any(d is None or d % size for d in inputs.shape[1:3])):
             return super().call(inputs)
         return _max_pool(inputs, size)
+
+
+def _relu(x: tf.Tensor) -> tf.Tensor:
+    """ReLU whose backward's derivative is `ReluGrad(g, y)` alone."""
+
+    @tf.custom_gradient
+    def forward(x):
+        y = tf.nn.relu(x)
+
+        def grad(dy):
+            @tf.custom_gradient
+            def backward(dy):
+                # The backward is linear in dy and piecewise constant in x, so its derivative w.r.t. x is
+                # zero almost everywhere; TF's registered one materializes those zeros and adds them.
+                return (tf.raw_ops.ReluGrad(gradients=dy, features=y),
+                        lambda g: tf.raw_ops.ReluGrad(gradients=g, features=y))
+
+            return backward(dy)
+
+        return y, grad
+
+    return forward(x)
+
+
+@keras.saving.register_keras_serializable(package="kood")
+class ReLU(keras.layers.ReLU):
+    """`keras.layers.ReLU` whose second derivative (GReg's double backprop) skips an all-zero term.
+
+    Plain ReLU (no max_value, slope or threshold) only; other settings run Keras' layer unchanged.
+
+    Example:
+        x = ReLU()(x)
+    """
+
+    def call(self, inputs):
+        if self.max_value is not None or self.negative_slope or self.threshold:
+            return super().call(inputs)
+        return _relu(inputs)
+
+
+@keras.saving.register_keras_serializable(package="kood")
+class GlobalAveragePool(keras.layers.GlobalAveragePooling2D):
+    """`keras.layers.GlobalAveragePooling2D` whose backward's derivative is one cheap pass.
+
+    Keras' mean divides by the element count as a tensor, so the gradient of its backward (GReg's
+    double backprop) also differentiates w.r.t. that count: three extra passes over the activation,
+    then discarded. Here the average is a sum times a Python constant (static H, W, channels last,
+    no keepdims), so the backward is a broadcast of `dy * c` and its derivative a sum. Same values;
+    other configurations run Keras' layer unchanged.
+
+    Example:
+        features = GlobalAveragePool()(x)
+    """
+
+    def call(self, inputs):
+        height, width = inputs.shape[1:3] if len(inputs.shape) == 4 else (None, None)
+        if self.data_format != "channels_last" or self.keepdims or height is None or width is None:
+            return super().call(inputs)
+        # float32 accumulation for half-precision activations, as Keras' mean does.
+        total = tf.reduce_sum(tf.cast(inputs, tf.float32), axis=[1, 2])
+        return tf.cast(total * (1.0 / (height * width)), inputs.dtype)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 
 from kood.models._checks import check_choice, check_int
-from kood.models.layers import batch_norm
+from kood.models.layers import GlobalAveragePool, ReLU, batch_norm
 
 
 def _conv_bn(x, filters: int, kernel: int, stride: int):
@@ -15,11 +15,11 @@ def _conv_bn(x, filters: int, kernel: int, stride: int):
 
 def _basic_block(x, filters: int, stride: int):
     shortcut = x
-    y = keras.layers.ReLU()(_conv_bn(x, filters, 3, stride))
+    y = ReLU()(_conv_bn(x, filters, 3, stride))
     y = _conv_bn(y, filters, 3, 1)
     if stride != 1 or x.shape[-1] != filters:
         shortcut = _conv_bn(x, filters, 1, stride)
-    return keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
+    return ReLU()(keras.layers.Add()([y, shortcut]))
 
 
 def resnet18(x, num_classes: int, *, stem: str = "cifar", width: int = 64):
@@ -42,11 +42,11 @@ def resnet18(x, num_classes: int, *, stem: str = "cifar", width: int = 64):
     check_choice("resnet18", "stem", stem, ("cifar", "imagenet"))
     check_int("resnet18", "width", width)
     if stem == "cifar":
-        x = keras.layers.ReLU()(_conv_bn(x, width, 3, 1))
+        x = ReLU()(_conv_bn(x, width, 3, 1))
     else:
-        x = keras.layers.ReLU()(_conv_bn(x, width, 7, 2))
+        x = ReLU()(_conv_bn(x, width, 7, 2))
         x = keras.layers.MaxPooling2D(3, strides=2, padding="same")(x)
     for stage, filters in enumerate([width, 2 * width, 4 * width, 8 * width]):
         x = _basic_block(x, filters, 1 if stage == 0 else 2)
         x = _basic_block(x, filters, 1)
-    return keras.layers.GlobalAveragePooling2D()(x)
+    return GlobalAveragePool()(x)

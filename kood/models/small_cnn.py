@@ -6,7 +6,7 @@ import keras
 
 from kood.errors import ConfigError
 from kood.models._checks import check_int
-from kood.models.layers import MaxPool, batch_norm
+from kood.models.layers import GlobalAveragePool, MaxPool, ReLU, batch_norm
 
 
 def small_cnn(x, num_classes: int, *, width: int = 16, depth: int = 2, blocks: int = 1):
@@ -41,5 +41,5 @@ def small_cnn(x, num_classes: int, *, width: int = 16, depth: int = 2, blocks: i
             x = keras.layers.Conv2D(width * 2 ** stage, 3, padding="same", use_bias=False)(x)
             # momentum 0.9 = PyTorch's 0.1 (as in the paper models): inference statistics catch up within a short run.
             x = batch_norm(momentum=0.9, epsilon=1e-3)(x)
-            x = keras.layers.ReLU()(x)
-    return keras.layers.GlobalAveragePooling2D()(x)
+            x = ReLU()(x)
+    return GlobalAveragePool()(x)

@@ -6,11 +6,11 @@ import keras
 
 from kood.errors import ConfigError
 from kood.models._checks import check_int, check_rate
-from kood.models.layers import batch_norm
+from kood.models.layers import GlobalAveragePool, ReLU, batch_norm
 
 
 def _bn_relu(x):
-    return keras.layers.ReLU()(batch_norm(momentum=0.9, epsilon=1e-5)(x))
+    return ReLU()(batch_norm(momentum=0.9, epsilon=1e-5)(x))
 
 
 def _conv(x, filters: int, kernel: int, stride: int):
@@ -56,4 +56,4 @@ def wide_resnet(x, num_classes: int, *, depth: int = 40, widen: int = 2, dropout
         for i in range(n):
             x = _wide_block(x, filters, 2 if stage > 0 and i == 0 else 1, dropout)
     x = _bn_relu(x)
-    return keras.layers.GlobalAveragePooling2D()(x)
+    return GlobalAveragePool()(x)
