@@ -140,7 +140,8 @@ def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
         old = read_json(path, "run config")
         # A setting added after the run started is compared with its default.
         defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
-        diff = {k: (old.get(k, defaults.get(k)), v) for k, v in sig.items() if old.get(k, defaults.get(k)) != v}
+        saved = {**defaults, **old}
+        diff = {k: (saved.get(k), v) for k, v in sig.items() if saved.get(k) != v}
         if diff:
             raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with other settings "
                               f"(saved vs now: {diff}); use a new --model_dir to start another run")
@@ -168,13 +169,13 @@ def _build_classifier(cfg: RunConfig, manifest) -> keras.Model:
 
 def _describe(cfg: RunConfig, mcfg: MethodConfig, manifest, steps: int, aux_batch: int, epoch: int) -> str:
     """What is about to run, in two lines: the method's resolved flags, then model, data and schedule."""
-    flags = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(mcfg).items())
+    settings = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(mcfg).items())
     aux = f" + {aux_batch} auxiliary" if mcfg.uses_aux else ""
     if mcfg.uses_aux and mcfg.sampler == "energy_cluster":
         aux = f" + {2 * cfg.batch_size} auxiliary chosen from {aux_batch} candidates"
     sio = f" ({1 - cfg.sio_ratio:.0%} synthetic from {cfg.syn_data})" if cfg.sio_ratio < 1 else ""
     start = f"from epoch {epoch + 1} " if epoch else ""
-    return (f"method {cfg.method}: {flags}\n"
+    return (f"method {cfg.method}: {settings}\n"
             f"{cfg.arch} ({cfg.precision}) on {manifest.count('train')} {cfg.id_data} train images: "
             f"{steps} steps/epoch x {cfg.epochs} epochs {start}of {cfg.batch_size} ID images{sio}{aux}, "
             f"{cfg.optimizer} lr {cfg.lr} ({cfg.schedule}); run dir {cfg.model_dir}")
