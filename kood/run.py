@@ -358,7 +358,7 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
                   file=sys.stderr, flush=True)
         hparams = {"method": cfg.method, "arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr,
                    "batch_size": cfg.batch_size, "epochs": cfg.epochs, "sio_ratio": cfg.sio_ratio, "seed": cfg.seed,
-                   "replicas": strategy.num_replicas_in_sync, **dataclasses.asdict(mcfg)}
+                   "precision": cfg.precision, "replicas": strategy.num_replicas_in_sync, **dataclasses.asdict(mcfg)}
         logger = TensorBoardLogger(os.path.join(out_dir, "logs"), probe_id, probe_aux, hparams, cfg.log_every)
         guard = NanGuard()
         verbose = cfg.verbose if sys.stderr.isatty() or cfg.verbose == 0 else 2

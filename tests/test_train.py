@@ -154,6 +154,21 @@ def test_run_trains_evaluates_and_logs_the_named_tags(digit_sets, tmp_path):
                 "grad_keep_id", "grad_keep_aux", "lr", "energy/id", "energy/aux", "score_grad_norm",
                 "sampler/chosen_outliers", "_hparams_/session_start_info"}
     assert expected <= tags, expected - tags
+    hparams = _logged_hparams(os.path.join(model_dir, "logs"))
+    assert hparams["method"] == "greg_plus" and hparams["precision"] == "float32"
+    assert hparams["cluster_k"] == 8 and hparams["grad_weight"] == 1.0
+
+
+def _logged_hparams(log_dir: str) -> dict:
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    return {k: getattr(v, v.WhichOneof("kind")) for k, v in data.session_start_info.hparams.items()}
+    raise AssertionError(f"no hparams under {log_dir}")
 
 
 def test_mixed_bfloat16_run_saves_evaluates_and_exports(digit_sets, tmp_path):
