@@ -37,7 +37,8 @@ class MethodConfig:
         kmeans_iters: Lloyd iterations of the in-graph K-means.
         pool_dtype: compute dtype of the GReg+ candidate-pool forward (weights stay float32):
             `float32` (the paper) or `bfloat16` / `float16`, ~2x faster where the hardware has
-            them (GPU tensor cores; CPUs with AVX512-BF16). Training itself stays float32.
+            them (GPU tensor cores; CPUs with AVX512-BF16). Training runs at the model's own
+            precision (`kood.train --precision`), whatever the pool's.
         aux_batch_factor: auxiliary batch size as a multiple of the ID batch for the
             random sampler (the energy-cluster sampler selects 2 x B_id).
         temperature: T of the energy score.

@@ -25,8 +25,8 @@ XLA-fused pass for non-overlapping windows.
 second derivatives compute (a zeros tensor added per ReLU; a derivative w.r.t. the element count of
 a mean).
 
-`compute_dtype(model, dtype)`: run a float32 model's forward in bfloat16/float16 without a weight
-copy (the GReg+ candidate pool, `--pool_dtype`).
+`compute_dtype(model, dtype)`: run a model's forward in another compute dtype (float32, bfloat16,
+float16) without a weight copy (the GReg+ candidate pool, `--pool_dtype`).
 """
 
 from __future__ import annotations
@@ -286,9 +286,10 @@ class GlobalAveragePool(keras.layers.GlobalAveragePooling2D):
 def compute_dtype(model: keras.Model, dtype: str):
     """Layers of `model` compute in `dtype` (float32 weights cast on use) while the block traces.
 
-    For a lower-precision forward of a float32 model without a copy of its weights: the ops built
-    inside the block (e.g. in a tf.function) use `dtype`; the policies are restored on exit.
-    `dtype="bfloat16"` selects Keras' "mixed_bfloat16" policy. Not thread-safe: keep the block to
+    For a forward in another precision without a copy of the weights (a float32 model's pool in
+    bfloat16, or a mixed_bfloat16 model's in float32): the ops built inside the block (e.g. in a
+    tf.function) use `dtype`; the policies are restored on exit. `dtype="bfloat16"` selects Keras'
+    "mixed_bfloat16" policy, "float32" the "float32" one. Not thread-safe: keep the block to
     the one call (tf.distribute's replica threads build their graphs one at a time).
 
     Example:
