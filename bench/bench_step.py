@@ -191,12 +191,21 @@ def print_op_profile(trace_dir: str, title: str, top: int = 12, steps: int = 3) 
             if not line.name.startswith("tf_Compute"):  # the executor's op events
                 continue
             for event in line.events:
-                op_type = plane.event_metadata[event.metadata_id].name.rsplit(":", 1)[-1]
-                if op_type != "Process":  # the executor's own span, it contains the ops
-                    times[op_type] += event.duration_ps / 1e9 / steps
-                    counts[op_type] += 1
+                name = plane.event_metadata[event.metadata_id].name
+                # Op events are "op_name:OpType". An async kernel (a jit_compile'd function: XLA) is one
+                # "ExecutorState::ProcessAsync::Start" span holding the XLA runtime's own nested events.
+                # Everything else is a span holding ops ("Process") or an annotation (threadpool, allocator).
+                if name == "ExecutorState::ProcessAsync::Start":
+                    op_type = "XLA function (async kernel)"
+                elif ":" not in name or "::" in name:
+                    continue
+                else:
+                    op_type = name.rsplit(":", 1)[-1]
+                times[op_type] += event.duration_ps / 1e9 / steps
+                counts[op_type] += 1
     total = sum(times.values())
-    print(f"\nop time per step, {title}: {total:.1f} ms (summed over threads)\n\n| op type | ms | % | ops |\n|---|---|---|---|")
+    print(f"\nop time per step, {title}: {total:.1f} ms (summed over threads), {sum(counts.values()) // steps} ops"
+          f"\n\n| op type | ms | % | ops |\n|---|---|---|---|")
     for op_type, ms in times.most_common(top):
         print(f"| {op_type} | {ms:.1f} | {100 * ms / total:.0f} | {counts[op_type] // steps} |")
     conv = {t: ms for t, ms in times.items() if "Conv2D" in t}
