@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 
 class DataError(ValueError):
@@ -14,11 +14,14 @@ class ConfigError(ValueError):
     """A flag or argument is invalid, or flags do not fit together."""
 
 
-def run_cli(prog: str, argv: Sequence[str], work: Callable[[], object]) -> None:
+def run_cli(prog: str, argv: Sequence[str], work: Callable[[], object],
+            data_dirs: Callable[[], Iterable[str | None]] | None = None) -> None:
     """Runs `work()` for the flags-only CLI `prog`; bad input exits with code 2 and a one-line message.
 
     A DataError / ConfigError prints `prog: error: <type>: <message>` to stderr without a traceback
-    (the message says what to fix); any other exception propagates as usual.
+    (the message says what to fix). A TensorFlow error from reading a damaged dataset becomes a
+    DataError naming the file (`kood.verify.explain_read_error` over `data_dirs()`, the datasets the
+    command reads). Ctrl-C prints one line. Any other exception propagates as usual.
 
     Example:
         def main(argv):
@@ -30,4 +33,15 @@ def run_cli(prog: str, argv: Sequence[str], work: Callable[[], object]) -> None:
         work()
     except (ConfigError, DataError) as e:
         print(f"{prog}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        from kood.verify import explain_read_error, is_read_error
+
+        if not is_read_error(e):
+            raise
+        error = explain_read_error(e, data_dirs() if data_dirs else [])
+        print(f"{prog}: error: DataError: {error}", file=sys.stderr)
         sys.exit(2)

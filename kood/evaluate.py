@@ -340,6 +340,7 @@ def define_flags() -> None:
 def run_from_flags(flags_values) -> dict:
     """Runs the evaluation described by parsed absl flags; returns the results (with scores)."""
     from kood.models import load_classifier
+    from kood.rundir import resolve_model, run_temperature
 
     for name in ("model_dir", "id_data", "ood", "output"):
         if not getattr(flags_values, name):
@@ -358,14 +359,20 @@ def run_from_flags(flags_values) -> dict:
     detectors = parse_detectors(flags_values.detectors)
     ood = parse_ood(flags_values.ood)
     groups = parse_groups(flags_values.ood_groups, list(ood))
-    model = load_classifier(flags_values.model_dir)
+    model_file, config = resolve_model(flags_values.model_dir)
+    model = load_classifier(model_file)
+    # The energy score (and --certify's) uses the T the run trained with, as kood.export does.
+    run_t = run_temperature(config)
+    if run_t is not None and "energy" in detectors and "temperature" not in params.get("energy", {}):
+        params["energy"] = {**params.get("energy", {}), "temperature": run_t}
     results = evaluate(
         model, flags_values.id_data, ood, detectors, fit_dir=flags_values.fit_data, fit_split=flags_values.fit_split,
         id_split=flags_values.id_split, ood_split=flags_values.ood_split, groups=groups, resize=resize,
         convention=flags_values.fpr_convention, batch_size=flags_values.batch_size, limit=flags_values.limit,
         fit_limit=flags_values.fit_limit, detector_params=params, certify=flags_values.certify,
         certify_options={"lipschitz_samples": flags_values.lipschitz_samples,
-                         "lipschitz_radius": flags_values.lipschitz_radius}, keep_scores=True)
+                         "lipschitz_radius": flags_values.lipschitz_radius, "temperature": run_t or 1.0},
+        keep_scores=True)
     results["settings"]["model_dir"] = flags_values.model_dir
     write_reports(results, flags_values.output)
     print(markdown_table(results))
@@ -377,7 +384,9 @@ def main(argv) -> None:
 
     from kood.errors import run_cli
 
-    run_cli("kood.evaluate", argv, lambda: run_from_flags(flags.FLAGS))
+    values = flags.FLAGS
+    run_cli("kood.evaluate", argv, lambda: run_from_flags(values),
+            data_dirs=lambda: [values.id_data, values.fit_data, *parse_ood(values.ood).values()])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 r"""Export a trained classifier as a servable OOD detector: `python -m kood.export`.
 
-Writes a TensorFlow SavedModel whose serving signature takes **uint8** images `[None, H, W, C]` and
+Writes a TensorFlow SavedModel whose serving signature takes **uint8** images `[None, H, W, C]` (the
+model's input size; other shapes raise InvalidArgumentError, an empty batch gives empty outputs) and
 returns
 - `logits` `[B, K]` (float32), `probabilities` `[B, K]` (softmax of the logits),
 - `score` `[B]`: the detector's OOD score, higher = more OOD (as in `kood.detectors`),
@@ -51,9 +52,10 @@ import tensorflow as tf
 from kood.data import eval_dataset
 from kood.detectors import DETECTORS, make_detector
 from kood.errors import ConfigError, DataError, run_cli
-from kood.manifest import read_json, read_manifest
+from kood.manifest import read_manifest
 from kood.metrics import threshold_at_tpr
 from kood.progress import Progress
+from kood.rundir import CHECKPOINTS, resolve_model, run_temperature
 
 FORMAT = "kood-export/1"
 DETECTOR_JSON = "detector.json"
@@ -61,7 +63,7 @@ KERAS_FILE = "classifier.keras"
 SIGNATURE = "serving_default"
 OUTPUTS = ("logits", "probabilities", "score", "is_ood")
 HELD_OUT_SPLITS = ("val", "validation", "test")  # --calib_split=auto takes the first one present
-CHECKPOINTS = ("best", "last")
+ID_KINDS = ("real", "synthetic")  # manifest kinds of ID data (as kood.run's --id_data)
 # relative margin above the k-th calibration score: ~100 float32 ulps, far above the noise between
 # batch sizes / kernels (~1e-6 relative), far below score differences that matter
 NOISE_MARGIN = 1e-5
@@ -171,9 +173,10 @@ class ServableDetector(tf.Module):
         self.tpr = tf.Variable(tpr, dtype=tf.float32, trainable=False, name="tpr")
         self.detector = tf.Variable(detector, dtype=tf.string, trainable=False, name="detector")
         self._score_name, self._hyperparams = detector, dict(hyperparams)  # tf.Module owns `_name`
-        shape = [None, *(int(d) for d in model.input_shape[1:])]
+        self._num_classes = int(model.output_shape[-1])
+        self._shape = [None, *(int(d) for d in model.input_shape[1:])]
         # defined here so the input signature carries the model's shape
-        self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec(shape, tf.uint8, name="images")])
+        self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec(self._shape, tf.uint8, name="images")])
 
     def outputs(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         """logits, probabilities and score of uint8 images (no threshold)."""
@@ -181,8 +184,16 @@ class ServableDetector(tf.Module):
         return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=1),
                 "score": graph_score(self._score_name, logits, self._hyperparams)}
 
+    def _empty_outputs(self) -> dict[str, tf.Tensor]:
+        logits = tf.zeros([0, self._num_classes], tf.float32)
+        return {"logits": logits, "probabilities": logits, "score": tf.zeros([0], tf.float32)}
+
     def _serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        out = self.outputs(images)
+        # a loaded signature does not enforce its input shape: a wrong size would be scored (or fail deep
+        # in the model); EnsureShape raises InvalidArgumentError naming the expected and the received shape
+        images = tf.ensure_shape(images, self._shape, name="images_must_have_the_model_input_size")
+        # an empty batch skips the model: some CPU kernels (oneDNN convolutions) fail on 0 images
+        out = tf.cond(tf.shape(images)[0] > 0, lambda: self.outputs(images), self._empty_outputs)
         out["is_ood"] = out["score"] > self.threshold
         return out
 
@@ -191,58 +202,19 @@ class ServableDetector(tf.Module):
 # Library
 
 
-def resolve_model(model_path: str, checkpoint: str = "best") -> tuple[str, dict | None]:
-    """`(.keras file, run config or None)` for a run dir or a `.keras` file.
-
-    A run dir gives its `best.keras` / `last.keras` (`checkpoint`) and its `config.json`; a `.keras`
-    file gives the `config.json` next to it when there is one (a file inside a run dir).
-
-    Example:
-        file, config = resolve_model("runs/demo")   # ("runs/demo/best.keras", {...})
-    """
-    if checkpoint not in CHECKPOINTS:
-        raise ConfigError(f"--checkpoint must be one of {CHECKPOINTS}. Received: checkpoint={checkpoint!r}")
-    if os.path.isdir(model_path):
-        run_dir, file = model_path, os.path.join(model_path, f"{checkpoint}.keras")
-        if not os.path.isfile(file):
-            raise DataError(f"--model_dir={model_path} has no {checkpoint}.keras: not a finished kood run dir "
-                            f"(training writes best.keras / last.keras after each epoch). Pass a run dir or a "
-                            f".keras file. Received: model_dir={model_path!r}")
-    elif os.path.isfile(model_path):
-        if not model_path.endswith(".keras"):
-            raise DataError(f"--model_dir must be a kood run dir or a .keras file. Received: {model_path!r}")
-        run_dir, file = os.path.dirname(model_path) or ".", model_path
-    else:
-        raise DataError(f"--model_dir={model_path} does not exist (expected a kood run dir or a .keras file)")
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(config_path):
-        return file, None
-    config = read_json(config_path, "run config")
-    if not isinstance(config, dict):
-        raise DataError(f"{config_path}: the run config must be a JSON object. Received: {type(config).__name__}")
-    return file, config
-
-
-def _run_temperature(config: dict | None) -> float | None:
-    """T of the energy score the run trained with (its method preset + overrides), if known."""
-    if not config or "method" not in config:
-        return None
-    from kood.methods import method_config
-
-    return float(method_config(config["method"], **config.get("method_overrides", {})).temperature)
-
-
 def _check_out(out: str, overwrite: bool) -> None:
     if not out:
         raise ConfigError("--out is required (the export directory to create)")
-    if not os.path.exists(out):
-        return
+    if os.path.exists(out) and os.path.samefile(out, os.getcwd()):  # it would be renamed away under us
+        raise ConfigError(f"--out={out} is the current directory, which cannot be replaced; choose another --out")
+    if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
+        return  # an empty dir holds nothing to lose: it is replaced
+    # never delete a directory that is not an earlier export (e.g. --out=. or a data dir)
+    if not os.path.isfile(os.path.join(out, DETECTOR_JSON)):
+        raise ConfigError(f"--out={out} exists and is not a kood export (no {DETECTOR_JSON}); it is never replaced, "
+                          "not even with --overwrite: choose another --out")
     if not overwrite:
         raise ConfigError(f"--out={out} already exists; pass --overwrite to replace it or choose another --out")
-    # never delete a directory that is not an earlier export (e.g. --out=. or a data dir)
-    if not os.path.isdir(out) or (os.listdir(out) and not os.path.isfile(os.path.join(out, DETECTOR_JSON))):
-        raise ConfigError(f"--out={out} exists and is not a kood export (no {DETECTOR_JSON}); refusing to "
-                          "replace it even with --overwrite")
 
 
 def _publish(tmp: str, out: str, overwrite: bool) -> None:
@@ -310,7 +282,7 @@ def export_detector(model_path: str, out: str, *, id_data: str | None = None, ca
     params = dict(detector_params or {})
     temperature_from = "--detector_params" if "temperature" in params else None
     if detector == "energy" and "temperature" not in params:
-        run_t = _run_temperature(config)
+        run_t = run_temperature(config)
         params["temperature"] = run_t if run_t is not None else 1.0
         temperature_from = "run config.json" if run_t is not None else "default (no run config.json)"
     if id_data is None:
@@ -325,6 +297,9 @@ def export_detector(model_path: str, out: str, *, id_data: str | None = None, ca
     hyperparams = make_detector(detector, model, **params).hyperparams()
 
     manifest = read_manifest(id_data)
+    if manifest.kind not in ID_KINDS:  # an OOD / outlier set would calibrate a meaningless threshold
+        raise DataError(f"--id_data={id_data} is a {manifest.kind!r} set (kind in its manifest.json); the threshold "
+                        f"is calibrated on held-out ID images, i.e. a set of kind {' or '.join(map(repr, ID_KINDS))}")
     model_shape = tuple(int(d) for d in model.input_shape[1:])
     if manifest.shape != model_shape:
         raise DataError(f"--id_data={id_data} holds {list(manifest.shape)} images but the model {model_file} takes "
@@ -448,7 +423,9 @@ def run_from_flags(flags_values) -> dict:
 def main(argv) -> None:
     from absl import flags
 
-    run_cli("kood.export", argv, lambda: run_from_flags(flags.FLAGS))
+    values = flags.FLAGS
+    run_cli("kood.export", argv, lambda: run_from_flags(values), data_dirs=lambda: [
+        values.id_data or (resolve_model(values.model_dir, values.checkpoint)[1] or {}).get("id_data")])
 
 
 if __name__ == "__main__":

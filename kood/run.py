@@ -131,13 +131,23 @@ def _run_signature(cfg: RunConfig) -> dict:
 
 
 def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
-    """Compares the run's settings with `config.json` (written by the chief only: `write`)."""
+    """Compares the run's settings with `config.json` (written by the chief only: `write`).
+
+    Settings are locked once the run has a checkpoint: a run that stopped before its first
+    checkpoint (a bad flag, a NaN in epoch 1) can be rerun with corrected settings.
+    """
+    if os.path.exists(cfg.model_dir) and not os.path.isdir(cfg.model_dir):
+        raise DataError(f"--model_dir={cfg.model_dir} is a file, not a directory; pass a directory for the run")
     if write:
         os.makedirs(cfg.model_dir, exist_ok=True)
     path = os.path.join(cfg.model_dir, "config.json")
     sig = _run_signature(cfg)
     if os.path.exists(path):
         old = read_json(path, "run config")
+        if not checkpoint.latest(os.path.join(cfg.model_dir, "ckpt")):
+            old = sig  # nothing trained yet under the old settings: the new ones replace them
+            if write:
+                write_text_atomic(path, json.dumps(sig, indent=2))
         # A setting added after the run started is compared with its default.
         defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
         saved = {**defaults, **old}
@@ -241,9 +251,14 @@ def _scores(model: keras.Model, directory: str, split: str, temperature: float, 
     return np.concatenate(energies), np.concatenate(correct)
 
 
+def _eval_split(cfg: RunConfig, manifest) -> str | None:
+    """The ID split the final OOD evaluation uses."""
+    return "test" if "test" in manifest.splits else _val_split(cfg, manifest)
+
+
 def final_evaluation(model: keras.Model, cfg: RunConfig, mcfg: MethodConfig, manifest) -> dict:
     """Energy-score OOD metrics on each `cfg.ood_data` set vs the ID test split."""
-    split = "test" if "test" in manifest.splits else _val_split(cfg, manifest)
+    split = _eval_split(cfg, manifest)
     if split is None or not cfg.ood_data:
         return {}
     s_id, correct = _scores(model, cfg.id_data, split, mcfg.temperature)
@@ -266,6 +281,13 @@ def format_results(results: dict) -> str:
     for name, m in results["ood"].items():
         lines.append(f"| {name} | {m['fpr95']:.4f} | {m['auroc']:.4f} | {m['aupr_in']:.4f} | {m['aupr_out']:.4f} |")
     return "\n".join(lines)
+
+
+def _best_epoch(history: list[dict]) -> int:
+    """The epoch best.keras holds: the first with the highest validation accuracy, else the last."""
+    if not history or "val_accuracy" not in history[-1]:
+        return history[-1]["epoch"] if history else 0
+    return max(history, key=lambda r: (r["val_accuracy"], -r["epoch"]))["epoch"]
 
 
 def _save_atomic(model: keras.Model, path: str) -> None:
@@ -297,7 +319,17 @@ def run_training(cfg: RunConfig) -> dict:
                 raise DataError(f"--{flag}={directory} holds {other[1].shape} images, --id_data={cfg.id_data} holds "
                                 f"{manifest.shape}; convert them to the same size (data_prep --image_size)")
     for name, directory in cfg.ood_data.items():
-        read_manifest(directory)
+        ood_shape = read_manifest(directory).shape
+        if ood_shape != manifest.shape:
+            raise DataError(f"--ood_data={name}={directory} holds {ood_shape} images, --id_data={cfg.id_data} holds "
+                            f"{manifest.shape}; convert it to the same size (data_prep --image_size, --channels) or "
+                            f"evaluate it later with kood.evaluate --resize")
+    if cfg.ood_data and _eval_split(cfg, manifest) is None:
+        raise DataError(f"--ood_data is compared with the ID test split, but --id_data={cfg.id_data} has only the "
+                        f"splits {sorted(manifest.splits)}; add a test split (README, Workflow 1) or drop --ood_data")
+    if cfg.verbose and _val_split(cfg, manifest) is None:
+        print(f"note: --id_data={cfg.id_data} has no val/validation/test split: best.keras is the last epoch and "
+              f"no ID accuracy is reported", file=sys.stderr)
     real_per_batch = int(cfg.batch_size * cfg.sio_ratio)
     if real_per_batch < 1:
         raise ConfigError(f"--batch_size={cfg.batch_size} x --sio_ratio={cfg.sio_ratio} leaves no real image per batch")
@@ -369,9 +401,12 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
                         shuffle=False,  # the pipeline shuffles (seeded per epoch); Keras can't shuffle a Dataset
                         verbose=verbose)
             if guard.failure:
-                raise FloatingPointError(
-                    f"Training stopped in epoch {epoch + 1}: {guard.failure}. The last good checkpoint "
-                    f"(epoch {state['epoch']}) is kept in {ckpt_dir}; lower --lr or the loss weights and rerun.")
+                advice = (f"The last good checkpoint (epoch {state['epoch']}) is kept in {ckpt_dir}; its settings "
+                          f"are locked, so lower --lr or the loss weights in a new --model_dir (--init_checkpoint="
+                          f"{os.path.join(cfg.model_dir, 'best.keras')} starts from it)" if state["epoch"] else
+                          "No checkpoint was written yet; lower --lr or the loss weights and rerun (the same "
+                          "--model_dir is fine)")
+                raise FloatingPointError(f"Training stopped in epoch {epoch + 1}: {guard.failure}. {advice}.")
             record = {"epoch": epoch + 1, "seconds": round(time.time() - start, 2)}
             if val_split:
                 record.update(_validate(classifier, cfg.id_data, val_split))
@@ -389,7 +424,12 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
                 print(f"epoch {epoch + 1}/{cfg.epochs}: {val_split} accuracy {record['val_accuracy']:.4f}, "
                       f"ce {record['val_ce']:.4f}{' (best so far: best.keras)' if improved else ''}", flush=True)
 
+    # The run's model is best.keras (what kood.evaluate / kood.export load): report on its weights.
+    best_epoch = _best_epoch(state["history"])
+    if best_epoch != state["epoch"]:
+        classifier.load_weights(os.path.join(out_dir, "best.keras"))
     results = final_evaluation(classifier, cfg, mcfg, manifest)
+    results.update(checkpoint="best.keras", checkpoint_epoch=best_epoch, epochs=state["epoch"])
     results["model_dir"] = cfg.model_dir
     results["replicas"] = strategy.num_replicas_in_sync
     results["tensorboard"] = f"tensorboard --logdir {os.path.join(cfg.model_dir, 'logs')}"

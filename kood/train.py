@@ -123,8 +123,10 @@ def _parse_kv(values: list[str], flag: str) -> dict[str, str]:
     for item in values:
         if "=" not in item:
             raise ConfigError(f"--{flag}: expected name=value items. Received: {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.strip()
+        key, value = (part.strip() for part in item.split("=", 1))
+        if key in out:
+            raise ConfigError(f"--{flag} names {key!r} twice. Received: --{flag}={','.join(values)}")
+        out[key] = value
     return out
 
 
@@ -192,7 +194,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from kood.run import format_results, run_training
+    from kood.verify import explain_read_error, is_read_error
 
+    cfg = None
     try:
         if FLAGS.cpu_devices:
             split_cpu(FLAGS.cpu_devices)
@@ -201,12 +205,23 @@ def main(argv):
     except (ConfigError, DataError, FloatingPointError) as e:
         print(f"kood.train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = f": rerun the same command to resume from the last checkpoint in {cfg.model_dir}" if cfg else ""
+        print(f"kood.train: interrupted (Ctrl-C){resume}", file=sys.stderr)
+        return 130
     except tf.errors.UnavailableError as e:  # multi-worker: a peer died (no heartbeat) or is unreachable
         print(f"kood.train: error: lost another worker of the run ({e.message.splitlines()[0]}). Rerun the same "
               f"command on every worker: the run resumes from the last checkpoint in --model_dir.", file=sys.stderr)
         return 3
+    except Exception as e:
+        if not is_read_error(e) or cfg is None:
+            raise
+        error = explain_read_error(e, [cfg.id_data, cfg.aux_data, cfg.syn_data, *cfg.ood_data.values()])
+        print(f"kood.train: error: {error}", file=sys.stderr)
+        return 2
     print(format_results(results))
-    print(f"Model: {os.path.join(cfg.model_dir, 'best.keras')}")
+    print(f"Model: {os.path.join(cfg.model_dir, 'best.keras')} (epoch {results['checkpoint_epoch']} of "
+          f"{results['epochs']}; the metrics above are its own)")
     print(f"TensorBoard: {results['tensorboard']}")
     return 0
 

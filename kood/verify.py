@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import sys
+from typing import Iterable
 
 import numpy as np
 
@@ -137,3 +139,34 @@ def verify_dataset(directory: str, *, show_progress: bool = True, max_problems: 
     if bar is not None:
         bar.__exit__()
     return report
+
+
+def is_read_error(error: BaseException) -> bool:
+    """True for the TensorFlow errors a damaged dataset raises while a pipeline reads it."""
+    import tensorflow as tf
+
+    return isinstance(error, tf.errors.DataLossError) or (
+        isinstance(error, tf.errors.FailedPreconditionError) and "expected to contain" in str(error))
+
+
+def explain_read_error(error: BaseException, directories: Iterable[str | None]) -> DataError:
+    """A DataError naming the damaged file behind a TF read error (whose message names none).
+
+    Only called after a read failed: re-verifies each of `directories` until one shows a problem.
+
+    Example:
+        except tf.errors.DataLossError as e:
+            raise explain_read_error(e, [id_dir, ood_dir]) from e
+    """
+    lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines() if line.strip()] or ["?"]
+    # Keras wraps TF's own message ("corrupted record at 499156") after a "Graph execution error:" line.
+    tf_message = next((line for line in lines if "record" in line or "expected to contain" in line), lines[0])
+    directories = list(dict.fromkeys(d for d in directories if d))
+    for directory in directories:
+        print(f"reading the data failed ({tf_message}); checking {directory} ...", file=sys.stderr)
+        report = verify_dataset(directory, show_progress=False, max_problems=3)
+        if not report.ok:
+            return DataError(f"{report.problems[0]} (`python -m data_prep.verify {directory}` lists every problem; "
+                             f"reconvert the set)")
+    return DataError(f"reading the data failed: {tf_message}. None of {directories} shows a damaged file now; "
+                     f"check them with `python -m data_prep.verify DIR`")

@@ -142,3 +142,51 @@ def test_score_gradient_spaces_and_sampling():
     assert np.all(sampled >= n_norm - 1e-6)
     with pytest.raises(ConfigError, match="space"):
         certify.ScoreGradient(model, space="logits")
+
+
+def _flag_values(**kw):
+    """What kood.evaluate's CLI passes to run_from_flags: its flag defaults, overridden by `kw`."""
+    import types
+
+    defaults = dict(detectors="energy,msp", fit_data=None, fit_split="train", id_split="test", ood_split="test",
+                    ood_groups=None, resize="error", center_crop=False, fpr_convention="id", detector_params=None,
+                    certify=False, lipschitz_samples=0, lipschitz_radius=0.1, batch_size=256, limit=None,
+                    fit_limit=None)
+    return types.SimpleNamespace(**{**defaults, **kw})
+
+def test_energy_and_certify_use_the_run_temperature(sets, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(sets["model"], run / "best.keras")
+    (run / "config.json").write_text(json.dumps({"method": "energy", "method_overrides": {"temperature": 2.5}}))
+    values = _flag_values(model_dir=str(run), id_data=sets["id"], ood=f"noise={sets['noise']}", detectors="energy,msp",
+                          output=str(tmp_path / "out"), certify=True, limit=40)
+    results = evaluate.run_from_flags(values)
+    assert results["detectors"]["energy"]["hyperparams"] == {"temperature": 2.5}
+    assert results["certify"]["temperature"] == 2.5
+    assert "the run has not finished" in capsys.readouterr().err  # no results.json yet
+    (run / "results.json").write_text("{}")
+    values.detector_params, values.certify, values.output = '{"energy": {"temperature": 1.0}}', False, str(tmp_path / "o2")
+    results = evaluate.run_from_flags(values)
+    assert results["detectors"]["energy"]["hyperparams"] == {"temperature": 1.0}  # an explicit T wins
+    assert "has not finished" not in capsys.readouterr().err
+
+
+def test_truncated_ood_file_is_named_without_a_traceback(sets, tmp_path):
+    import glob
+    import shutil
+
+    damaged = str(tmp_path / "noise")
+    shutil.copytree(sets["noise"], damaged)
+    shard = sorted(glob.glob(os.path.join(damaged, "*.tfrecord")))[0]
+    data = open(shard, "rb").read()
+    open(shard, "wb").write(data[: len(data) // 2])
+    cmd = [sys.executable, "-m", "kood.evaluate", f"--model_dir={sets['model']}", f"--id_data={sets['id']}",
+           f"--ood=noise={damaged}", "--detectors=energy", f"--output={tmp_path / 'out'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"kood.evaluate: error: DataError: {shard}: " in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "out" / "results.json")

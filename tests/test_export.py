@@ -26,6 +26,7 @@ from kood.models import load_classifier
 from kood.run import RunConfig
 from kood.writer import write_arrays
 from tests.eval_helpers import digits_arrays, noise_images, tiny_classifier, trained_digits_model
+from tests.model_helpers import tiny_classifier as cnn_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_TEMPERATURE = 2.0
@@ -46,6 +47,8 @@ def run(tmp_path_factory):
     write_arrays(id_dir, {"train": (x_train, y_train), "val": (x_test[:NUM_VAL], y_test[:NUM_VAL]),
                           "test": (x_test[NUM_VAL:], y_test[NUM_VAL:])})
     write_arrays(rgb_dir, {"val": (noise_images(50, (8, 8, 3)), np.zeros(50, np.int64))}, num_classes=10)
+    ood_dir = str(root / "ood")  # right shape, but kind=ood (num_classes 0)
+    write_arrays(ood_dir, {"val": (noise_images(50), -np.ones(50, np.int64))}, kind="ood")
     os.makedirs(run_dir)
     model = trained_digits_model()
     model.save(os.path.join(run_dir, "best.keras"))
@@ -54,7 +57,7 @@ def run(tmp_path_factory):
                                           method_overrides={"temperature": RUN_TEMPERATURE}))
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(config, f)
-    return {"root": str(root), "id": id_dir, "rgb": rgb_dir, "run": run_dir, "model": model}
+    return {"root": str(root), "id": id_dir, "rgb": rgb_dir, "ood": ood_dir, "run": run_dir, "model": model}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +92,52 @@ def served(run, exported):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(outputs) as f:
         return images, {k: f[k] for k in f.files}
+
+
+SHAPES_SCRIPT = textwrap.dedent("""
+    import json, sys, tensorflow as tf
+    serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+    result = {}
+    for shape in json.loads(sys.argv[2]):
+        try:
+            out = serve(images=tf.zeros(shape, tf.uint8))
+            result[str(shape)] = {k: [v.dtype.name, v.shape.as_list()] for k, v in out.items()}
+        except Exception as e:
+            result[str(shape)] = f"{type(e).__name__}: {getattr(e, 'message', e)}"
+    print(json.dumps(result))
+""")
+SHAPES = [[3, 8, 8, 1], [0, 8, 8, 1], [2, 4, 4, 1], [2, 16, 16, 1], [8, 8, 1], [2, 8, 8, 3], [1, 8, 8, 1, 1]]
+
+
+@pytest.fixture(scope="module")
+def cnn_served(tmp_path_factory):
+    """Outputs (dtype, shape) or error per image shape of `SHAPES`, served by a small_cnn export (8x8x1,
+    3 classes) in a fresh process. A conv net: `run`'s MLP fails on most wrong sizes and handles 0 images anyway."""
+    root = tmp_path_factory.mktemp("cnn_export")
+    id_dir, model_file, out = str(root / "id"), str(root / "cnn.keras"), str(root / "export")
+    write_arrays(id_dir, {"val": (noise_images(30), np.arange(30) % 3)}, num_classes=3)
+    cnn_classifier().save(model_file)
+    export_detector(model_file, out, id_data=id_dir)
+    proc = subprocess.run([sys.executable, "-c", SHAPES_SCRIPT, out, json.dumps(SHAPES)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_serving_rejects_images_of_another_size_rank_or_channel_count(cnn_served):
+    for shape in SHAPES[2:]:
+        got = ",".join(map(str, shape))
+        assert cnn_served[str(shape)].startswith("InvalidArgumentError"), (shape, cnn_served[str(shape)])
+        assert f"Shape of tensor images [{got}] is not compatible with expected shape [?,8,8,1]" in \
+            cnn_served[str(shape)], (shape, cnn_served[str(shape)])
+        assert "images_must_have_the_model_input_size" in cnn_served[str(shape)]
+    assert cnn_served[str(SHAPES[0])] == {"logits": ["float32", [3, 3]], "probabilities": ["float32", [3, 3]],
+                                          "score": ["float32", [3]], "is_ood": ["bool", [3]]}
+
+
+def test_serving_an_empty_batch_gives_empty_outputs(cnn_served):
+    assert cnn_served[str([0, 8, 8, 1])] == {"logits": ["float32", [0, 3]], "probabilities": ["float32", [0, 3]],
+                                             "score": ["float32", [0]], "is_ood": ["bool", [0]]}
 
 
 def test_served_logits_probabilities_and_score_match_the_keras_model(run, served):
@@ -200,11 +249,29 @@ def test_overwrite_replaces_an_earlier_export(run, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["export"]
 
 
-def test_overwrite_refuses_a_directory_that_is_not_an_export(run, tmp_path):
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_directory_that_is_not_an_export_is_never_replaced(run, tmp_path, overwrite):
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="not a kood export"):
-        export_detector(run["run"], str(tmp_path), overwrite=True)
-    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="not a kood export .* not even with --overwrite: choose another --out") as e:
+        export_detector(run["run"], str(tmp_path), overwrite=overwrite)
+    assert "pass --overwrite" not in str(e.value)  # it would not help
+    with pytest.raises(ConfigError, match="not a kood export"):  # nor a file
+        export_detector(run["run"], str(tmp_path / "notes.txt"), overwrite=overwrite)
+    assert os.listdir(tmp_path) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_empty_existing_directory_is_used(run, tmp_path, monkeypatch, overwrite):
+    out = tmp_path / "export"
+    out.mkdir()
+    with monkeypatch.context() as m:  # except the current directory: it cannot be renamed away
+        m.chdir(out)
+        with pytest.raises(ConfigError, match=r"--out=\. is the current directory"):
+            export_detector(run["run"], ".", detector="max_logit", overwrite=overwrite)
+    info = export_detector(run["run"], str(out), detector="max_logit", overwrite=overwrite)
+    with open(out / "detector.json") as f:
+        assert json.load(f)["threshold"] == info["threshold"]
+    assert os.listdir(tmp_path) == ["export"]
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -251,6 +318,7 @@ BAD_INPUTS = [
     (dict(model_path="{run}/config.json"), DataError, "a kood run dir or a .keras file"),
     (dict(calib_split="holdout"), DataError, "no split 'holdout'"),
     (dict(id_data="{rgb}"), DataError, r"holds \[8, 8, 3\] images but the model .* takes \[8, 8, 1\]"),
+    (dict(id_data="{ood}"), DataError, r"--id_data=.*ood is a 'ood' set \(kind in its manifest.json\)"),
     (dict(detector="nope"), ConfigError, "Unknown detector. Exportable"),
     (dict(detector="knn"), ConfigError, "'knn' cannot be exported .* needs ID fit data"),
     (dict(detector="odin"), ConfigError, "'odin' cannot be exported .* input gradients"),

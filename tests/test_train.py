@@ -222,6 +222,45 @@ def test_resumed_run_must_keep_its_settings(digit_sets, tmp_path):
         run_lib.run_training(cfg)
 
 
+def test_run_stopped_before_its_first_checkpoint_takes_corrected_settings(digit_sets, tmp_path):
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1, arch_kwargs={"widht": 8})
+    with pytest.raises(ConfigError, match="widht"):
+        run_lib.run_training(cfg)
+    assert os.path.exists(os.path.join(cfg.model_dir, "config.json"))  # written, but nothing trained under it
+    cfg.arch_kwargs = {"width": 8}
+    run_lib.run_training(cfg)
+    assert json.load(open(os.path.join(cfg.model_dir, "config.json")))["arch_kwargs"] == {"width": 8}
+
+
+def test_data_problems_stop_before_any_work(digit_sets, tmp_path):
+    from kood.writer import write_arrays
+
+    big = str(tmp_path / "big")
+    write_arrays(big, {"test": (np.zeros((4, 16, 16, 1), np.uint8), -np.ones(4, np.int64))}, kind="ood", num_classes=0)
+    cfg = _config(digit_sets, str(tmp_path / "run"), ood_data={"big": big})
+    with pytest.raises(DataError, match=r"--ood_data=big=.* holds \(16, 16, 1\) images"):
+        run_lib.run_training(cfg)
+    train_only = str(tmp_path / "train_only")
+    x, y = digits_arrays([0, 1])
+    write_arrays(train_only, {"train": (x, y)}, num_classes=2)
+    cfg = _config(digit_sets, str(tmp_path / "run"), id_data=train_only)
+    with pytest.raises(DataError, match=r"has only the splits \['train'\]"):
+        run_lib.run_training(cfg)
+    assert not os.path.exists(cfg.model_dir)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(DataError, match="is a file, not a directory"):
+        run_lib.run_training(_config(digit_sets, str(a_file), method="energy"))
+
+
+def test_repeated_names_in_a_flag_list_are_refused():
+    from kood.train import _parse_kv
+
+    assert _parse_kv(["a=x", "b=y"], "ood_data") == {"a": "x", "b": "y"}
+    with pytest.raises(ConfigError, match="--ood_data names 'a' twice"):
+        _parse_kv(["a=x", "a=y"], "ood_data")
+
+
 def test_setting_added_after_a_run_started_resumes_at_its_default(digit_sets, tmp_path):
     cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=2)
     run_lib.run_training(dataclasses.replace(cfg, epochs=1))
@@ -279,10 +318,27 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(digit_sets, 
 
     monkeypatch.setattr(OODTrainer, "compute_losses", poisoned)
     cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=3)
-    with pytest.raises(FloatingPointError, match="epoch 2.*epoch 1"):
+    with pytest.raises(FloatingPointError, match="epoch 2.*epoch 1.*new --model_dir"):
         run_lib.run_training(cfg)
     latest = open(os.path.join(cfg.model_dir, "ckpt", "latest")).read().strip()
     assert latest == "epoch-00001"
+
+
+def test_nan_in_the_first_epoch_leaves_the_run_dir_free_for_other_settings(digit_sets, tmp_path, monkeypatch):
+    original = OODTrainer.compute_losses
+
+    def poisoned(self, *args, **kwargs):
+        terms = original(self, *args, **kwargs)
+        terms["loss"] = terms["loss"] + float("nan")
+        return terms
+
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(OODTrainer, "compute_losses", poisoned)
+        with pytest.raises(FloatingPointError, match="No checkpoint was written yet"):
+            run_lib.run_training(cfg)
+    cfg.lr = 0.01
+    assert run_lib.run_training(cfg)["checkpoint_epoch"] == 1
 
 
 def _train_cmd(dirs, model_dir):
@@ -354,3 +410,44 @@ def test_progress_counts_the_whole_run_and_reports_validation(digit_sets, tmp_pa
     assert [line for line in out.splitlines() if line.startswith("Epoch ")] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
     assert len([line for line in out.splitlines() if line.startswith("epoch ") and ": test accuracy" in line]) == 3
     assert "epoch 1/3: test accuracy" in out and "(best so far: best.keras)" in out
+
+
+def test_final_metrics_are_those_of_best_keras(digit_sets, tmp_path, monkeypatch):
+    from kood.methods import method_config as make_method_config
+    from kood.models import load_classifier
+
+    validate = run_lib._validate
+    accuracies = iter([0.9, 0.5, 0.4])  # best.keras = epoch 1, not the last epoch
+
+    def fake_validate(model, directory, split):
+        return {**validate(model, directory, split), "val_accuracy": next(accuracies)}
+
+    monkeypatch.setattr(run_lib, "_validate", fake_validate)
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=3, lr=0.2)
+    results = run_lib.run_training(cfg)
+    assert (results["checkpoint"], results["checkpoint_epoch"], results["epochs"]) == ("best.keras", 1, 3)
+    manifest = run_lib.read_manifest(cfg.id_data)
+    mcfg = make_method_config("energy")
+    best = run_lib.final_evaluation(load_classifier(os.path.join(cfg.model_dir, "best.keras")), cfg, mcfg, manifest)
+    last = run_lib.final_evaluation(load_classifier(os.path.join(cfg.model_dir, "last.keras")), cfg, mcfg, manifest)
+    assert best["ood"]["ood"] != last["ood"]["ood"]  # the two checkpoints differ, so the test can tell them apart
+    assert results["id_accuracy"] == best["id_accuracy"] and results["ood"] == best["ood"]
+    assert json.load(open(os.path.join(cfg.model_dir, "results.json")))["checkpoint_epoch"] == 1
+
+
+def test_damaged_data_file_is_named_without_a_traceback(digit_sets, tmp_path):
+    import shutil
+
+    damaged = str(tmp_path / "id")
+    shutil.copytree(digit_sets["id"], damaged)
+    shard = sorted(glob.glob(os.path.join(damaged, "train-*.tfrecord")))[0]
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte: the record's CRC fails mid-epoch
+    open(shard, "wb").write(bytes(data))
+    cmd = [sys.executable, "-m", "kood.train", f"--id_data={damaged}", "--method=ce", "--epochs=1",
+           "--batch_size=16", "--verbose=0", f"--model_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"kood.train: error: {shard}: " in proc.stderr and "data_prep.verify" in proc.stderr
+    assert "Traceback" not in proc.stderr
