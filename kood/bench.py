@@ -11,6 +11,11 @@ fine-tuned from it with the same budget, and each model is scored with its train
   `results.md` (the table), `plots/energy_hist.png`, `plots/roc.png`;
 - `plan.json`: the epochs used (scaled down by `--budget_minutes`), so a rerun resumes the same plan.
 
+A rerun skips finished cells (paths inside `--output` are stored relative to it: a moved output
+resumes). It may report a subset of the OOD sets / detectors the cells were evaluated on (each
+cell records them under `evaluated_on`; averages are over the reported sets); asking for one a
+finished cell lacks is refused before any work, so earlier results are never replaced.
+
 Method names: any `kood.methods.METHODS` preset; `NAME+sio` = that method with SIO
 (`--sio_ratio` real fraction per batch, `--syn_data` images); `ce` = the pretrained CE model
 itself scored with the energy score ("ce+energy-score") and with each `--detectors` detector.
@@ -54,6 +59,8 @@ from kood.run import RunConfig  # noqa: E402
 SIO_SUFFIX = "+sio"
 CE_ROW = "ce+energy-score"
 RESULT_FILE = "bench_result.json"
+OUTPUT_TOKEN = "{output}"  # stored paths inside --output start with it: a moved output resumes
+PATH_KEYS = ("model_dir", "init_checkpoint", "init")  # signature entries that are paths
 CELL_OVERHEAD_SECONDS = 20.0  # budget estimate per cell: process-side model build, compile, evaluation
 AUX_STATS_LIMIT = 2000  # auxiliary images scored for the energy statistics of each cell
 
@@ -76,6 +83,8 @@ class BenchConfig:
         init_checkpoint: use this classifier instead of pretraining; `{seed}` in it is replaced by the
             seed (e.g. another bench's `OUT/pretrain/seed-{seed}/last.keras`), else every seed uses it.
         detectors: post-hoc detectors applied to the CE baseline (`ce` must be in methods).
+        resize: how OOD sets of another image size are fed to the models (kood.evaluate's resize:
+            "error", "resize" or "center_crop"); auxiliary and synthetic sets must have the ID size.
         budget_minutes: scale epochs down so the whole bench fits (None = no scaling).
         batch_size, lr, finetune_lr, optimizer, weight_decay, augment, steps_per_epoch, precision: RunConfig knobs
             (lr for pretraining, finetune_lr for fine-tuning).
@@ -102,6 +111,7 @@ class BenchConfig:
     finetune_epochs: int = 5
     init_checkpoint: str | None = None
     detectors: list = dataclasses.field(default_factory=list)
+    resize: str = "error"
     budget_minutes: float | None = None
     batch_size: int = 64
     lr: float = 0.1
@@ -213,13 +223,9 @@ def validate(cfg: BenchConfig) -> None:
                               f"add ce to --methods. Received: methods={cfg.methods}")
     if not cfg.output:
         raise ConfigError("--output is required (the bench directory)")
-    named = [("--id_data", cfg.id_data), ("--aux_data", cfg.aux_data), ("--syn_data", cfg.syn_data)]
-    for flag, directory in named + [(f"--ood set {name!r}", d) for name, d in cfg.ood.items()]:
-        try:
-            if directory:
-                read_manifest(directory)
-        except DataError as e:
-            raise DataError(f"{flag}: {e}") from e
+    if cfg.resize not in data.RESIZE_MODES:
+        raise ConfigError(f"--resize must be one of {data.RESIZE_MODES}. Received: resize={cfg.resize!r}")
+    check_data(cfg)
     for seed in range(cfg.seeds) if cfg.init_checkpoint else ():
         if not os.path.exists(init_checkpoint(cfg, seed)):
             raise DataError(f"--init_checkpoint={cfg.init_checkpoint}: {init_checkpoint(cfg, seed)} (seed {seed}) "
@@ -227,6 +233,49 @@ def validate(cfg: BenchConfig) -> None:
     for name in cfg.methods:  # RunConfig-level checks (aux data present, sio ratio, lr, ...)
         run.validate(run_config(cfg, name, 0, cfg.finetune_epochs, "/nonexistent"))
     run.validate(pretrain_config(cfg, 0, cfg.pretrain_epochs))
+
+
+def _manifest(flag: str, directory: str):
+    try:
+        return read_manifest(directory)
+    except DataError as e:
+        raise DataError(f"{flag}: {e}") from e
+
+
+def check_data(cfg: BenchConfig) -> None:
+    """Checks every data set's manifest against the ID set before any training.
+
+    The ID set must be a labelled real (or synthetic) set with train and test splits; auxiliary
+    and synthetic sets must have the ID image shape (training cannot convert them); an OOD set
+    of another shape needs `--resize` (kood.evaluate converts it).
+
+    Raises:
+        DataError naming the flag and directory.
+    """
+    id_m = _manifest("--id_data", cfg.id_data)
+    if id_m.kind not in ("real", "synthetic") or id_m.num_classes < 2:
+        raise DataError(f"--id_data={cfg.id_data}: the ID set must be a labelled 'real' (or 'synthetic') set with "
+                        ">= 2 classes. "
+                        f"Received: kind={id_m.kind!r}, num_classes={id_m.num_classes}")
+    for split in ("train", "test"):
+        id_m.split(split, f"--id_data={cfg.id_data}")
+    for flag, directory in (("--aux_data", cfg.aux_data), ("--syn_data", cfg.syn_data)):
+        shape = _manifest(flag, directory).shape if directory else id_m.shape
+        if shape != id_m.shape:
+            raise DataError(f"{flag}={directory} holds {list(shape)} images, --id_data="
+                            f"{cfg.id_data} holds {list(id_m.shape)}: convert the set to the ID size (data_prep "
+                            "--image_size=... --resize=..., see the README's Workflow 1)")
+    for name, directory in cfg.ood.items():
+        flag = f"--ood set {name!r}"
+        shape = _manifest(flag, directory).shape
+        if shape != id_m.shape and cfg.resize == "error":
+            raise DataError(f"{flag}: {directory} holds {list(shape)} images, --id_data={cfg.id_data} holds "
+                            f"{list(id_m.shape)}: pass --resize=resize or --resize=center_crop to convert it, or "
+                            "convert the set to the ID size (data_prep --image_size=...)")
+        try:  # the test split, and whether --resize can convert it (channels, center_crop size)
+            data.eval_dataset(directory, "test", image_size=id_m.shape, resize=cfg.resize)
+        except DataError as e:
+            raise DataError(f"{flag}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +291,11 @@ def _common(cfg: BenchConfig) -> dict:
 def init_checkpoint(cfg: BenchConfig, seed: int) -> str:
     """`--init_checkpoint` of one seed (`{seed}` replaced)."""
     return cfg.init_checkpoint.replace("{seed}", str(seed))
+
+
+def init_file(cfg: BenchConfig, seed: int) -> str:
+    """The classifier every cell of a seed starts from: `--init_checkpoint` or the pretrained model."""
+    return init_checkpoint(cfg, seed) if cfg.init_checkpoint else os.path.join(pretrain_dir(cfg, seed), "last.keras")
 
 
 def pretrain_dir(cfg: BenchConfig, seed: int) -> str:
@@ -460,13 +514,52 @@ def _load_or_make_plan(cfg: BenchConfig) -> dict:
 # Cells
 
 
-def _signature(rc: RunConfig) -> dict:
+def _portable(cfg: BenchConfig, path: str | None) -> str | None:
+    """A path inside --output as `{output}/REL` (so a moved output still matches), any other as absolute."""
+    if not path or path.startswith(OUTPUT_TOKEN):
+        return path
+    full, out = os.path.abspath(path), os.path.abspath(cfg.output)
+    if os.path.commonpath([full, out]) == out:
+        return os.path.join(OUTPUT_TOKEN, os.path.relpath(full, out))
+    return full
+
+
+def _normalised(cfg: BenchConfig, sig):
+    """A stored signature with its paths made portable (signatures written before paths were stored so)."""
+    if not isinstance(sig, dict):
+        return sig
+    return {k: _portable(cfg, v) if k in PATH_KEYS and isinstance(v, str) else _normalised(cfg, v)
+            for k, v in sig.items()}
+
+
+def _signature(cfg: BenchConfig, rc: RunConfig) -> dict:
     """The run settings a finished cell must match (JSON-normalised, as stored)."""
     sig = {k: v for k, v in dataclasses.asdict(rc).items() if k not in ("verbose", "log_every", "ood_data")}
-    return json.loads(json.dumps(sig))
+    return _normalised(cfg, json.loads(json.dumps(sig)))
 
 
-def _finished(directory: str, signature: dict, trained: bool = True) -> dict | None:
+def _rebase_moved_run(cfg: BenchConfig, rc: RunConfig) -> None:
+    """Points a started run's config.json at its current place if the whole --output was moved.
+
+    kood.run refuses to resume a run whose saved model_dir / init_checkpoint differ from the
+    current ones; inside a moved output they differ only by the output's own path.
+    """
+    path = os.path.join(rc.model_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    saved = read_json(path, "run config")
+    moved = False
+    for key in ("model_dir", "init_checkpoint"):
+        now, old = getattr(rc, key), saved.get(key)
+        inside = _portable(cfg, now)
+        if (old and now and old != now and inside.startswith(OUTPUT_TOKEN)
+                and os.path.normpath(old).endswith(os.sep + os.path.relpath(inside, OUTPUT_TOKEN))):
+            saved[key], moved = now, True
+    if moved:
+        write_text_atomic(path, json.dumps(saved, indent=2))
+
+
+def _finished(cfg: BenchConfig, directory: str, signature: dict, trained: bool = True) -> dict | None:
     """The cell's result if it finished with these settings, else None.
 
     A trained cell finished with other settings is a ConfigError (its model would not match); an
@@ -476,7 +569,8 @@ def _finished(directory: str, signature: dict, trained: bool = True) -> dict | N
     if not os.path.exists(path):
         return None
     result = read_json(path, "bench cell result")
-    if result.get("settings") != signature:
+    result["settings"] = _normalised(cfg, result.get("settings"))
+    if result["settings"] != signature:
         if not trained:
             return None
         old = result.get("settings") or {}
@@ -522,7 +616,8 @@ def _train_log(model_dir: str) -> dict:
 def _evaluate_cell(cfg: BenchConfig, model_file: str, mcfg, detectors: list[str]) -> tuple[dict, dict]:
     model = load_classifier(model_file)
     results = evaluate(model, cfg.id_data, cfg.ood, ["energy"] + [d for d in detectors if d != "energy"],
-                       detector_params={"energy": {"temperature": mcfg.temperature}}, keep_scores=True)
+                       detector_params={"energy": {"temperature": mcfg.temperature}}, resize=cfg.resize,
+                       keep_scores=True)
     scores = results["detectors"]["energy"]
     s = results["scores"]["energy"]
     out = {"id_accuracy": results["id_accuracy"], "ood": scores["sets"], "average": scores["average"],
@@ -535,10 +630,11 @@ def _evaluate_cell(cfg: BenchConfig, model_file: str, mcfg, detectors: list[str]
 
 
 def _run_cell(cfg: BenchConfig, rc: RunConfig | None, directory: str, name: str, seed: int, signature: dict,
-              model_file: str, detectors: list[str], train_seconds: float | None) -> dict:
+              model_file: str, detectors: list[str], train_seconds: float | None, sources: dict) -> dict:
     """Trains (rc given) and evaluates one cell, then writes scores.npz and bench_result.json."""
     if rc is not None:
         start = time.time()
+        _rebase_moved_run(cfg, rc)
         run.run_training(rc)
         train_seconds = time.time() - start
     base, _ = split_method(name)
@@ -546,7 +642,7 @@ def _run_cell(cfg: BenchConfig, rc: RunConfig | None, directory: str, name: str,
     result, scores = _evaluate_cell(cfg, model_file, mcfg, detectors)
     result.update(method=name, seed=seed, train_seconds=train_seconds,
                   epochs=rc.epochs if rc else None, train_log=_train_log(directory) if rc else {},
-                  settings=signature)
+                  settings=signature, evaluated_on={"ood": sources, "detectors": list(detectors)})
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, "scores.tmp.npz")
     np.savez(tmp, **{f"energy/{k}": v for k, v in scores.items()})
@@ -555,25 +651,105 @@ def _run_cell(cfg: BenchConfig, rc: RunConfig | None, directory: str, name: str,
     return result
 
 
+def ood_sources(cfg: BenchConfig) -> dict:
+    """What each OOD set's numbers depend on: its directory and, if its images are converted, --resize."""
+    shape = read_manifest(cfg.id_data).shape
+    return {name: {"dir": os.path.abspath(d), "resize": None if read_manifest(d).shape == shape else cfg.resize}
+            for name, d in cfg.ood.items()}
+
+
+def _cell_plan(cfg: BenchConfig, name: str, seed: int, plan: dict) -> tuple[RunConfig | None, dict, str]:
+    """(run config, None for the evaluation-only `ce`; signature; classifier file to evaluate) of a cell."""
+    init = init_file(cfg, seed)
+    if name == "ce":
+        pretrain = None if cfg.init_checkpoint else pretrain_config(cfg, seed, plan["pretrain_epochs"]["used"])
+        sig = {"init": _portable(cfg, init), "pretrain": _signature(cfg, pretrain) if pretrain else None,
+               "method_flags": method_overrides(cfg, "ce")}
+        return None, sig, init
+    rc = run_config(cfg, name, seed, plan["finetune_epochs"]["used"], init)
+    return rc, _signature(cfg, rc), os.path.join(rc.model_dir, "last.keras")
+
+
+def _source(src: dict | None) -> str:
+    if not src:
+        return "an unrecorded directory"
+    return src["dir"] + (f" with --resize={src['resize']}" if src["resize"] else "")
+
+
+def _lacking(cfg: BenchConfig, cell: dict, sources: dict) -> list[str]:
+    """The OOD sets (and, for ce, detectors) this run reports that a finished cell was not evaluated on."""
+    # cells written before `evaluated_on` was recorded: their sets, assumed from the same directories
+    done = cell.get("evaluated_on") or {"ood": {n: sources.get(n) for n in cell["ood"]},
+                                        "detectors": list(cell.get("detectors") or {})}
+    out = [f"OOD set {n!r}" + (f" from {_source(sources[n])} (it holds {_source(done['ood'][n])})"
+                               if n in done["ood"] else "")
+           for n in cfg.ood if done["ood"].get(n) != sources[n]]
+    if cell["method"] == "ce":
+        out += [f"detector {d!r}" for d in cfg.detectors if d not in done["detectors"]]
+    return out
+
+
+def finished_cells(cfg: BenchConfig, plan: dict, sources: dict) -> dict[tuple[str, int], dict]:
+    """`{(method, seed): stored result}` of the cells finished with these settings, checked before any work.
+
+    Earlier results are never replaced: a finished cell that lacks an OOD set or detector of
+    this run (or holds a set of that name from another directory) is a ConfigError.
+    """
+    done, problems = {}, []
+    for seed in range(cfg.seeds):
+        for name in cfg.methods:
+            rc, sig, _ = _cell_plan(cfg, name, seed, plan)
+            result = _finished(cfg, cell_dir(cfg, name, seed), sig, trained=rc is not None)
+            if result is not None:
+                done[name, seed] = result
+                lacking = _lacking(cfg, result, sources)
+                if lacking:
+                    problems.append(f"{cell_dir(cfg, name, seed)} lacks {', '.join(lacking)}")
+    if problems:
+        init = cfg.init_checkpoint or os.path.join(cfg.output, "pretrain", "seed-{seed}", "last.keras")
+        raise ConfigError(
+            f"--output={cfg.output} holds finished cells that were not evaluated on this run's OOD sets / "
+            f"detectors: {'; '.join(problems)}. Earlier results are not replaced: rerun with what they hold "
+            f"({_held_flags(list(done.values()))}, or a subset), or use a new --output for other sets "
+            f"(--init_checkpoint={init} reuses these pretrained models). Received: ood={cfg.ood}, "
+            f"detectors={cfg.detectors}")
+    return done
+
+
+def _held_flags(cells: list[dict]) -> str:
+    """The `--ood` / `--detectors` flags every given finished cell was evaluated on."""
+    held = [c["evaluated_on"] for c in cells if "evaluated_on" in c]
+    if not held:
+        return "the --ood sets and --detectors of the run that made them"
+    ood = {n: src for n, src in held[0]["ood"].items() if all(h["ood"].get(n) == src for h in held)}
+    flags = ["--ood=" + ",".join(f"{n}={src['dir']}" for n, src in ood.items())]
+    ce = [c["evaluated_on"]["detectors"] for c in cells if c["method"] == "ce" and "evaluated_on" in c]
+    if ce:
+        flags.append("--detectors=" + ",".join(d for d in ce[0] if all(d in x for x in ce)))
+    resize = {src["resize"] for src in ood.values()} - {None}
+    return " ".join(flags + [f"--resize={r}" for r in resize])
+
+
 def _pretrain(cfg: BenchConfig, seed: int, epochs: int, label: str) -> tuple[str, float | None]:
     """Pretrains seed `seed` (or finds it done); returns (classifier file, train seconds)."""
     if cfg.init_checkpoint:
         return init_checkpoint(cfg, seed), None
     rc = pretrain_config(cfg, seed, epochs)
     marker = os.path.join(rc.model_dir, "pretrain_done.json")
-    sig = _signature(rc)
+    sig = _signature(cfg, rc)
     if os.path.exists(marker):
         done = read_json(marker, "pretraining marker")
-        if done["settings"] == sig:
+        if _normalised(cfg, done["settings"]) == sig:
             print(f"{label} ce pretrain seed {seed}: finished earlier, skipped", file=sys.stderr)
-            return os.path.join(rc.model_dir, "last.keras"), done["train_seconds"]
+            return init_file(cfg, seed), done["train_seconds"]
     print(f"{label} ce pretrain seed {seed}: training {epochs} epochs ...", file=sys.stderr, flush=True)
     start = time.time()
+    _rebase_moved_run(cfg, rc)
     run.run_training(rc)
     seconds = time.time() - start
     write_text_atomic(marker, json.dumps({"settings": sig, "train_seconds": seconds}) + "\n")
     print(f"{label} ce pretrain seed {seed}: done in {seconds:.0f} s", file=sys.stderr, flush=True)
-    return os.path.join(rc.model_dir, "last.keras"), seconds
+    return init_file(cfg, seed), seconds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -588,21 +764,38 @@ def mean_std(values) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
 
 
+def average(sets: dict, names: list[str]) -> dict:
+    """Each metric's mean over the OOD sets `names` of `{set: {metric: value}}`."""
+    return {m: float(np.mean([sets[n][m] for n in names])) for m in sets[names[0]]}
+
+
+def current_view(cell: dict, cfg: BenchConfig) -> dict:
+    """A stored cell restricted to this run's OOD sets and detectors, its averages over those sets."""
+    names = list(cfg.ood)
+    view = {**cell, "ood": {n: cell["ood"][n] for n in names}, "average": average(cell["ood"], names)}
+    view["energy_stats"] = {**cell["energy_stats"], "ood": {n: cell["energy_stats"]["ood"][n] for n in names}}
+    if "detectors" in cell:
+        view["detectors"] = {d: {**r, "ood": {n: r["ood"][n] for n in names}, "average": average(r["ood"], names)}
+                             for d, r in cell["detectors"].items() if d in cfg.detectors}
+    return view
+
+
 def summarize(cells: list[dict], ood_names: list[str]) -> dict[str, dict]:
     """Mean/std over seeds per table row: `{row: {"fpr95/NAME", "auroc/NAME", "fpr95/average", ...}}`.
 
-    A `ce` cell gives the row `ce+energy-score` and one row `ce+DETECTOR` per detector.
+    A `ce` cell gives the row `ce+energy-score` and one row `ce+DETECTOR` per detector. The
+    average is over `ood_names` only, from the per-set numbers.
     """
     rows: dict[str, list[dict]] = {}
     for cell in cells:
         variants = [(CE_ROW if cell["method"] == "ce" else cell["method"], cell)]
         for det, r in (cell.get("detectors") or {}).items():
             if det != "energy":
-                variants.append((f"ce+{det}", {**cell, "ood": r["ood"], "average": r["average"]}))
+                variants.append((f"ce+{det}", {**cell, "ood": r["ood"]}))
         for row, c in variants:
             flat = {"id_accuracy": c["id_accuracy"], "train_seconds": c["train_seconds"]}
             for set_name in ood_names + ["average"]:
-                m = c["average"] if set_name == "average" else c["ood"][set_name]
+                m = average(c["ood"], ood_names) if set_name == "average" else c["ood"][set_name]
                 for metric in ("fpr95", "auroc"):
                     flat[f"{metric}/{set_name}"] = m[metric]
             rows.setdefault(row, []).append(flat)
@@ -620,6 +813,17 @@ def machine() -> str:
     return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
             f"{'%d GPU(s)' % len(gpus) if gpus else 'no GPU'}, TensorFlow {tf.__version__}, Python "
             f"{platform.python_version()}")
+
+
+def budget_note(plan: dict) -> str:
+    """One line: how `--budget_minutes` scaled the epochs (plan of a bench with a budget)."""
+    scaled = any(plan[k]["used"] != plan[k]["requested"] for k in ("pretrain_epochs", "finetune_epochs"))
+    return (f"Budget: --budget_minutes={plan['budget_minutes']}: " + (
+        f"epochs scaled down to fit (pretrain {plan['pretrain_epochs']['requested']} -> "
+        f"{plan['pretrain_epochs']['used']}, fine-tune {plan['finetune_epochs']['requested']} -> "
+        f"{plan['finetune_epochs']['used']}; estimate {plan['estimate_seconds']:.0f} s before scaling, "
+        f"{plan['estimate_used_seconds']:.0f} s after)." if scaled else "the requested epochs fit; not scaled.")
+        + ("" if plan["fits"] else " Even 1 epoch each does not fit the budget: the bench runs over it."))
 
 
 def markdown(report: dict) -> str:
@@ -640,13 +844,7 @@ def markdown(report: dict) -> str:
              "Fine-tuned rows' train time excludes the shared CE pretraining; ce rows show the pretraining time.",
              f"Machine: {report['machine']}."]
     if plan["budget_minutes"] is not None:
-        scaled = any(plan[k]["used"] != plan[k]["requested"] for k in ("pretrain_epochs", "finetune_epochs"))
-        lines.append(f"Budget: --budget_minutes={plan['budget_minutes']}: " + (
-            f"epochs scaled down to fit (pretrain {plan['pretrain_epochs']['requested']} -> "
-            f"{plan['pretrain_epochs']['used']}, fine-tune {plan['finetune_epochs']['requested']} -> "
-            f"{plan['finetune_epochs']['used']}; estimate {plan['estimate_seconds']:.0f} s before scaling, "
-            f"{plan['estimate_used_seconds']:.0f} s after)." if scaled else "the requested epochs fit; not scaled.")
-            + ("" if plan["fits"] else " Even 1 epoch each does not fit the budget: the bench runs over it."))
+        lines.append(budget_note(plan))
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * sum(h.count("|") + 1 for h in head)]
     for row, s in report["summary"].items():
         cells = [row]
@@ -702,8 +900,9 @@ def write_plots(cfg: BenchConfig, rows: list[str]) -> list[str]:
         for seed in range(cfg.seeds):
             path = os.path.join(cell_dir(cfg, name, seed), "scores.npz")
             if os.path.exists(path):
-                with np.load(path) as f:
-                    scores[name] = {k.split("/", 1)[1]: f[k] for k in f.files}
+                with np.load(path) as f:  # the cell may hold more OOD sets than this run reports
+                    scores[name] = {k.split("/", 1)[1]: f[k] for k in f.files
+                                    if k.split("/", 1)[1] in ["id", *cfg.ood]}
                 break
     if not scores:
         return []
@@ -755,6 +954,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     """
     validate(cfg)
     plan = _load_or_make_plan(cfg)
+    if plan["budget_minutes"] is not None:
+        print(budget_note(plan), file=sys.stderr, flush=True)
+    sources = ood_sources(cfg)
+    finished = finished_cells(cfg, plan, sources)
     pre_epochs, fine_epochs = plan["pretrain_epochs"]["used"], plan["finetune_epochs"]["used"]
     per_seed = len(cfg.methods) + (0 if cfg.init_checkpoint else 1)
     total, k = cfg.seeds * per_seed, 0
@@ -763,30 +966,20 @@ def run_bench(cfg: BenchConfig) -> dict:
     for seed in range(cfg.seeds):
         if not cfg.init_checkpoint:
             k += 1
-        init, pre_seconds = _pretrain(cfg, seed, pre_epochs, f"[{k}/{total}]")
+        _, pre_seconds = _pretrain(cfg, seed, pre_epochs, f"[{k}/{total}]")
         for name in cfg.methods:
             k += 1
             label = f"[{k}/{total}] {name} seed {seed}"
-            directory = cell_dir(cfg, name, seed)
-            if name == "ce":
-                rc = None
-                sig = {"init": os.path.abspath(init), "pretrain": _signature(pretrain_config(cfg, seed, pre_epochs))
-                       if not cfg.init_checkpoint else None, "detectors": list(cfg.detectors),
-                       "method_flags": method_overrides(cfg, "ce")}
-            else:
-                rc = run_config(cfg, name, seed, fine_epochs, init)
-                sig = _signature(rc)
-            done = _finished(directory, sig, trained=rc is not None)
-            if done is not None:
+            if (name, seed) in finished:
                 print(f"{label}: finished earlier, skipped", file=sys.stderr)
-                cells.append(done)
+                cells.append(current_view(finished[name, seed], cfg))
                 continue
+            rc, sig, model_file = _cell_plan(cfg, name, seed, plan)
             print(f"{label}: {'evaluating' if rc is None else f'training {fine_epochs} epochs'} ...",
                   file=sys.stderr, flush=True)
             start = time.time()
-            model_file = init if rc is None else os.path.join(directory, "last.keras")
-            cells.append(_run_cell(cfg, rc, directory, name, seed, sig, model_file,
-                                   list(cfg.detectors) if name == "ce" else [], pre_seconds))
+            cells.append(_run_cell(cfg, rc, cell_dir(cfg, name, seed), name, seed, sig, model_file,
+                                   list(cfg.detectors) if name == "ce" else [], pre_seconds, sources))
             print(f"{label}: done in {time.time() - start:.0f} s (FPR95 avg {cells[-1]['average']['fpr95']:.4f}, "
                   f"AUROC avg {cells[-1]['average']['auroc']:.4f})", file=sys.stderr, flush=True)
     report = {
@@ -822,6 +1015,8 @@ def define_flags() -> None:
     flags.DEFINE_string("init_checkpoint", None, "Fine-tune from this classifier instead of pretraining; {seed} in "
                         "the path is replaced by the seed, e.g. OTHER_BENCH/pretrain/seed-{seed}/last.keras.")
     flags.DEFINE_list("detectors", [], "Post-hoc detectors (kood.detectors) applied to the ce baseline.")
+    flags.DEFINE_enum("resize", "error", list(data.RESIZE_MODES), "How to feed --ood sets whose image size or "
+                      "channels differ from the ID set: error (default), resize (bilinear) or center_crop.")
     flags.DEFINE_float("budget_minutes", None, "Scale epochs down (never up) so the whole bench fits.")
     flags.DEFINE_boolean("speed", False, "Only measure step time and pipeline throughput per method vs CE.")
     flags.DEFINE_integer("speed_steps", 20, "--speed: steps per timing.")
@@ -852,17 +1047,18 @@ def config_from_flags(values) -> BenchConfig:
         output=values.output, methods=list(values.methods), seeds=values.seeds, arch=values.arch,
         arch_kwargs=parse_key_values(values.arch_kwargs, "arch_kwargs"), pretrain_epochs=values.pretrain_epochs,
         finetune_epochs=values.finetune_epochs, init_checkpoint=values.init_checkpoint,
-        detectors=list(values.detectors), budget_minutes=values.budget_minutes, batch_size=values.batch_size,
-        lr=values.lr, finetune_lr=values.finetune_lr, optimizer=values.optimizer, weight_decay=values.weight_decay,
-        augment=values.augment, sio_ratio=values.sio_ratio, steps_per_epoch=values.steps_per_epoch,
-        precision=values.precision, method_flags=parse_method_flags(values.method_flags), verbose=values.verbose)
+        detectors=list(values.detectors), resize=values.resize, budget_minutes=values.budget_minutes,
+        batch_size=values.batch_size, lr=values.lr, finetune_lr=values.finetune_lr, optimizer=values.optimizer,
+        weight_decay=values.weight_decay, augment=values.augment, sio_ratio=values.sio_ratio,
+        steps_per_epoch=values.steps_per_epoch, precision=values.precision,
+        method_flags=parse_method_flags(values.method_flags), verbose=values.verbose)
 
 
 def run_from_flags(values) -> dict:
     """Runs the bench (or `--speed`) from parsed flags and prints the table."""
     cfg = config_from_flags(values)
     if values.speed:
-        speed = run_speed(cfg, values.speed_steps, values.speed_reps)
+        speed = run_speed(cfg, values.speed_steps, values.speed_reps, values.speed_pipeline_batches)
         print(speed_markdown(speed))
         print(f"wrote {os.path.join(cfg.output, 'speed.md')} and speed.json", file=sys.stderr)
         return speed

@@ -227,7 +227,7 @@ def _target_shape(directory: str, shape: tuple[int, int, int], image_size, resiz
         return shape
     if resize == "error":
         raise DataError(f"{directory}: images are {list(shape)} but {list(target)} is needed; "
-                        "pass resize='resize' or 'center_crop' (--resize) to convert them")
+                        "pass resize='resize' or 'center_crop' to convert them (CLI: --resize=resize or --resize=center_crop)")
     if shape[2] != target[2] and {shape[2], target[2]} != {1, 3}:
         raise DataError(f"{directory}: cannot convert {shape[2]} channels to {target[2]}. "
                         f"Received: image_size={image_size!r}")

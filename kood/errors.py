@@ -45,3 +45,16 @@ def run_cli(prog: str, argv: Sequence[str], work: Callable[[], object],
         error = explain_read_error(e, data_dirs() if data_dirs else [])
         print(f"{prog}: error: DataError: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def naming(source: str, directory: str, error: Exception) -> str:
+    """`error`'s message prefixed with the flag or role it came through, the directory said once.
+
+    Example:
+        naming("--aux_data=", "data/x", DataError("data/x: dataset directory does not exist"))
+        # '--aux_data=data/x: dataset directory does not exist'
+    """
+    message = str(error)
+    if message.startswith(f"{directory}: "):
+        message = message[len(directory) + 2:]
+    return f"{source}{directory}: {message}"

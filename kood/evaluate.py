@@ -1,4 +1,4 @@
-"""Evaluate post-hoc OOD detectors on a trained classifier: `python -m kood.evaluate`.
+r"""Evaluate post-hoc OOD detectors on a trained classifier: `python -m kood.evaluate`.
 
 Runs the classifier once per data set (ID test, each OOD set, and the ID fit data when a detector
 needs it), scores every detector, and writes to `--output`:
@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from typing import Mapping, Sequence
 
 import keras
@@ -26,8 +27,8 @@ import numpy as np
 
 from kood.data import eval_dataset
 from kood.detectors import DETECTORS, collect_outputs, make_detector
-from kood.errors import ConfigError, DataError
-from kood.manifest import write_text_atomic
+from kood.errors import ConfigError, DataError, naming
+from kood.manifest import json_text, write_text_atomic
 from kood.metrics import CONVENTION_NOTE, CONVENTIONS, METRICS, accuracy, metrics_table
 
 RESIZE_CHOICES = ("error", "resize", "center_crop")
@@ -100,7 +101,7 @@ def _read(directory: str, split: str, role: str, *, model_shape, resize: str, ba
         return eval_dataset(directory, split, batch_size=batch_size, image_size=model_shape, resize=resize,
                             limit=limit)
     except DataError as e:
-        raise DataError(f"{role}: {e}") from e
+        raise DataError(naming(f"{role} ", directory, e)) from e
 
 
 def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detectors: Sequence[str], *,
@@ -153,7 +154,7 @@ def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detec
     read = dict(model_shape=model_shape, resize=resize, batch_size=batch_size)
 
     # build every reader first, so a bad set fails before any long computation
-    id_ds = _read(id_dir, id_split, f"ID set (--id_data) {id_dir}", limit=limit, **read)
+    id_ds = _read(id_dir, id_split, "ID set (--id_data)", limit=limit, **read)
     ood_ds = {name: _read(d, ood_split, f"OOD set {name!r} (--ood)", limit=limit, **read)
               for name, d in ood_dirs.items()}
     needs_fit = [n for n, d in dets.items() if d.needs_fit]
@@ -161,7 +162,7 @@ def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detec
     fit_ds = None
     if needs_fit:
         fit_ds = _read(fit_dir, fit_split, f"detectors {needs_fit} need ID fit data (--fit_data, default: the "
-                       f"--id_data train split); fit set {fit_dir}", limit=fit_limit, **read)
+                       f"--id_data train split); fit set", limit=fit_limit, **read)
 
     if fit_ds is not None:
         fit_out = collect_outputs(model, fit_ds, desc="fit data")
@@ -244,7 +245,9 @@ def write_reports(results: dict, output: str) -> None:
     scores = results.get("scores")
     plain = {k: v for k, v in results.items() if k != "scores"}
     if scores is not None:
-        write_tensorboard(scores, os.path.join(output, "tensorboard"))
+        log_dir = os.path.join(output, "tensorboard")
+        shutil.rmtree(log_dir, ignore_errors=True)  # a rerun's events replace the last run's, as the reports do
+        write_tensorboard(scores, log_dir)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["detector", "kind", "name", *METRICS, "convention"])
     writer.writeheader()
@@ -253,7 +256,7 @@ def write_reports(results: dict, output: str) -> None:
     write_text_atomic(os.path.join(output, "results.csv"), buf.getvalue())
     write_text_atomic(os.path.join(output, "results.md"), markdown_table(results))
     # json last: its presence marks a complete evaluation
-    write_text_atomic(os.path.join(output, "results.json"), json.dumps(plain, indent=2, allow_nan=True) + "\n")
+    write_text_atomic(os.path.join(output, "results.json"), json_text(plain))
 
 
 def _curve_image(det: str, s: dict[str, np.ndarray], kind: str) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import uuid
 from typing import Any
@@ -144,3 +145,21 @@ def write_text_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def json_text(obj: Any) -> str:
+    """Strict JSON (`jq`, JavaScript): a NaN or infinite metric becomes null instead of a bare NaN token.
+
+    Example:
+        json_text({"auroc": float("nan")})   # '{\\n  "auroc": null\\n}\\n'
+    """
+    def strict(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        return value
+
+    return json.dumps(strict(obj), indent=2, allow_nan=False) + "\n"

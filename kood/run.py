@@ -21,8 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from kood import checkpoint, data, distribute, losses, metrics
-from kood.errors import ConfigError, DataError
-from kood.manifest import read_json, read_manifest, write_text_atomic
+from kood.errors import ConfigError, DataError, naming
+from kood.manifest import json_text, read_json, read_manifest, write_text_atomic
 from kood.methods import MethodConfig, method_config
 from kood.models import ARCHITECTURES, PRECISIONS, build_classifier, load_classifier
 from kood.summaries import NanGuard, RunProgbar, TensorBoardLogger
@@ -251,6 +251,21 @@ def _scores(model: keras.Model, directory: str, split: str, temperature: float, 
     return np.concatenate(energies), np.concatenate(correct)
 
 
+def _read_manifest(flag: str, directory: str):
+    """The manifest of a dataset flag's directory; its errors name the flag."""
+    try:
+        return read_manifest(directory)
+    except DataError as e:
+        raise DataError(naming(f"--{flag}=", directory, e)) from e
+
+
+def _selects_best(cfg: RunConfig, manifest) -> bool:
+    """Whether a validation split picks best.keras. `auto` never picks it with the split the final
+    evaluation reports on (that would select on the test set): it only monitors that split."""
+    split = _val_split(cfg, manifest)
+    return split is not None and not (cfg.val_split == "auto" and split == _eval_split(cfg, manifest))
+
+
 def _eval_split(cfg: RunConfig, manifest) -> str | None:
     """The ID split the final OOD evaluation uses."""
     return "test" if "test" in manifest.splits else _val_split(cfg, manifest)
@@ -284,7 +299,7 @@ def format_results(results: dict) -> str:
 
 
 def _best_epoch(history: list[dict]) -> int:
-    """The epoch best.keras holds: the first with the highest validation accuracy, else the last."""
+    """The epoch best.keras holds in a checkpoint written before `best_epoch` was recorded."""
     if not history or "val_accuracy" not in history[-1]:
         return history[-1]["epoch"] if history else 0
     return max(history, key=lambda r: (r["val_accuracy"], -r["epoch"]))["epoch"]
@@ -306,20 +321,26 @@ def run_training(cfg: RunConfig) -> dict:
     several machines `model_dir` must be shared storage).
     """
     mcfg = validate(cfg)
-    manifest = read_manifest(cfg.id_data)
+    manifest = _read_manifest("id_data", cfg.id_data)
     if manifest.kind not in ("real", "synthetic"):
-        raise DataError(f"--id_data={cfg.id_data} is a {manifest.kind!r} set; ID training data must be 'real'")
+        raise DataError(f"--id_data={cfg.id_data} holds a set of kind {manifest.kind!r} (its manifest.json); ID "
+                        f"training data must be of kind 'real' (or 'synthetic')")
     if manifest.num_classes < 2:
         raise DataError(f"--id_data={cfg.id_data} has {manifest.num_classes} classes; a classifier needs >= 2")
     inputs = {"id_data": (cfg.id_data, manifest)}
+    if cfg.aux_data and not mcfg.uses_aux and cfg.verbose:
+        print(f"note: --method={cfg.method} trains without auxiliary outliers: --aux_data={cfg.aux_data} is not used",
+              file=sys.stderr)
+    if cfg.aux_data and os.path.realpath(cfg.aux_data) == os.path.realpath(cfg.id_data):
+        raise ConfigError(f"--aux_data is the ID set itself ({cfg.aux_data}): auxiliary outliers must be other images")
     for flag, directory in (("aux_data", cfg.aux_data if mcfg.uses_aux else None), ("syn_data", cfg.syn_data)):
         if directory:
-            other = inputs[flag] = (directory, read_manifest(directory))
+            other = inputs[flag] = (directory, _read_manifest(flag, directory))
             if other[1].shape != manifest.shape:
                 raise DataError(f"--{flag}={directory} holds {other[1].shape} images, --id_data={cfg.id_data} holds "
                                 f"{manifest.shape}; convert them to the same size (data_prep --image_size)")
     for name, directory in cfg.ood_data.items():
-        ood_shape = read_manifest(directory).shape
+        ood_shape = _read_manifest(f"ood_data={name}", directory).shape
         if ood_shape != manifest.shape:
             raise DataError(f"--ood_data={name}={directory} holds {ood_shape} images, --id_data={cfg.id_data} holds "
                             f"{manifest.shape}; convert it to the same size (data_prep --image_size, --channels) or "
@@ -327,9 +348,10 @@ def run_training(cfg: RunConfig) -> dict:
     if cfg.ood_data and _eval_split(cfg, manifest) is None:
         raise DataError(f"--ood_data is compared with the ID test split, but --id_data={cfg.id_data} has only the "
                         f"splits {sorted(manifest.splits)}; add a test split (README, Workflow 1) or drop --ood_data")
-    if cfg.verbose and _val_split(cfg, manifest) is None:
-        print(f"note: --id_data={cfg.id_data} has no val/validation/test split: best.keras is the last epoch and "
-              f"no ID accuracy is reported", file=sys.stderr)
+    if cfg.verbose and not _selects_best(cfg, manifest):
+        monitored = _val_split(cfg, manifest)
+        print(f"note: best.keras is the last epoch: --id_data={cfg.id_data} has no val split to pick it with"
+              f"{f' (its {monitored} split is only monitored)' if monitored else ''}", file=sys.stderr)
     real_per_batch = int(cfg.batch_size * cfg.sio_ratio)
     if real_per_batch < 1:
         raise ConfigError(f"--batch_size={cfg.batch_size} x --sio_ratio={cfg.sio_ratio} leaves no real image per batch")
@@ -411,10 +433,11 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
             if val_split:
                 record.update(_validate(classifier, cfg.id_data, val_split))
             _save_atomic(classifier, os.path.join(out_dir, "last.keras"))
-            score = record.get("val_accuracy", -float(epoch))
-            improved = val_split is None or state["best"] is None or score > state["best"]
+            selects = _selects_best(cfg, manifest)
+            improved = not selects or state["best"] is None or record["val_accuracy"] > state["best"]
             if improved:
-                state["best"] = score if val_split else None
+                state["best"] = record["val_accuracy"] if selects else None
+                state["best_epoch"] = epoch + 1
                 _save_atomic(classifier, os.path.join(out_dir, "best.keras"))
             state["epoch"] = epoch + 1
             state["history"].append(record)
@@ -422,10 +445,11 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
             checkpoint.save(ckpt_dir, classifier, optimizer, state)
             if verbose and val_split:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: {val_split} accuracy {record['val_accuracy']:.4f}, "
-                      f"ce {record['val_ce']:.4f}{' (best so far: best.keras)' if improved else ''}", flush=True)
+                      f"ce {record['val_ce']:.4f}{' (best so far: best.keras)' if improved and selects else ''}",
+                      flush=True)
 
     # The run's model is best.keras (what kood.evaluate / kood.export load): report on its weights.
-    best_epoch = _best_epoch(state["history"])
+    best_epoch = state.get("best_epoch") or _best_epoch(state["history"])
     if best_epoch != state["epoch"]:
         classifier.load_weights(os.path.join(out_dir, "best.keras"))
     results = final_evaluation(classifier, cfg, mcfg, manifest)
@@ -433,5 +457,5 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
     results["model_dir"] = cfg.model_dir
     results["replicas"] = strategy.num_replicas_in_sync
     results["tensorboard"] = f"tensorboard --logdir {os.path.join(cfg.model_dir, 'logs')}"
-    write_text_atomic(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2))
+    write_text_atomic(os.path.join(out_dir, "results.json"), json_text(results))
     return results

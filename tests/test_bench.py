@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from kood import bench
 from kood.errors import ConfigError, DataError
 from kood.models import build_classifier
+from tests.data_helpers import make_kood_dataset
 from tests.train_helpers import make_digit_sets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +30,11 @@ def sets(tmp_path_factory):
     model = build_classifier("small_cnn", input_shape=(8, 8, 1), num_classes=5, mean=[60.0], std=[80.0], width=4)
     dirs["init"] = str(root / "init.keras")
     model.save(dirs["init"])
+    # another OOD set of the ID size, and a set of another size (10x10, used as aux and as OOD)
+    dirs["ood2"] = make_kood_dataset(root / "data" / "ood2", num_classes=0, counts={"test": 60}, shape=(8, 8, 1),
+                                     kind="ood", seed=3)
+    dirs["big"] = make_kood_dataset(root / "data" / "big", num_classes=0, counts={"train": 40, "test": 40},
+                                    shape=(10, 10, 1), kind="ood", seed=5)
     dirs["root"] = str(root)
     return dirs
 
@@ -85,7 +92,7 @@ def test_table_is_mean_and_std_of_the_seeds(report):
     assert "ID is positive" in table and "Machine:" in table
     e = [c["energy_stats"] for c in rep["cells"] if c["method"] == "greg+sio"]
     p50 = np.mean([x["id"]["p50"] for x in e])
-    assert f"| greg+sio | -25 / -7 | " in table and f" / {p50:.1f} / " in table  # the margin table
+    assert "| greg+sio | -25 / -7 | " in table and f" / {p50:.1f} / " in table  # the margin table
     for path in ("plots/energy_hist.png", "plots/roc.png"):
         assert open(os.path.join(cfg.output, path), "rb").read(4) == b"\x89PNG"
 
@@ -231,6 +238,114 @@ def test_init_checkpoint_per_seed(sets, tmp_path):
     assert bench.init_checkpoint(cfg, 0) == str(tmp_path / "init-0.keras")
 
 
+def _mtimes(directory):
+    return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, files in os.walk(directory) for f in files}
+
+
+def test_rerun_with_fewer_ood_sets_averages_over_them(sets, tmp_path):
+    three = {"d89": sets["ood"], "o2": sets["ood2"], "big": sets["big"]}
+    cfg = _cfg(sets, str(tmp_path / "out"), methods=["ce"], seeds=1, ood=three, resize="center_crop")
+    stored = bench.run_bench(cfg)["cells"][0]
+    cfg.ood = {"d89": sets["ood"], "o2": sets["ood2"]}
+    before = _mtimes(os.path.join(cfg.output, "runs"))
+    rep = bench.run_bench(cfg)
+    assert _mtimes(os.path.join(cfg.output, "runs")) == before  # the cell is reused, not re-evaluated
+    for row, sets_of in (("ce+energy-score", stored["ood"]), ("ce+msp", stored["detectors"]["msp"]["ood"])):
+        expected = np.mean([sets_of["d89"]["fpr95"], sets_of["o2"]["fpr95"]])
+        assert rep["summary"][row]["fpr95/average"]["mean"] == pytest.approx(expected)
+    assert stored["average"]["fpr95"] != pytest.approx(rep["summary"]["ce+energy-score"]["fpr95/average"]["mean"])
+    stat = rep["summary"]["ce+energy-score"]
+    assert rep["cells"][0]["average"]["fpr95"] == pytest.approx(stat["fpr95/average"]["mean"])  # results.json
+    assert set(rep["cells"][0]["energy_stats"]["ood"]) == {"d89", "o2"}
+    table = open(os.path.join(cfg.output, "results.md")).read()
+    assert (f"{_pm(stat['fpr95/o2'])} | {_pm(stat['auroc/o2'])} | {_pm(stat['fpr95/average'])} | "
+            f"{_pm(stat['auroc/average'])} |") in table
+
+
+def _pm(stat):
+    return f"{stat['mean'] * 100:.2f} ± {stat['std'] * 100:.2f}"
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(ood=None), r"runs/ce/seed-0 lacks OOD set 'o2'; .*runs/greg\+sio/seed-0 lacks OOD set 'o2'"),
+    (dict(detectors=["msp", "max_logit"]), r"runs/ce/seed-1 lacks detector 'max_logit'\. "),
+    (dict(ood="other dir"), r"lacks OOD set 'd89' from .*ood2 \(it holds .*ood\)"),
+])
+def test_rerun_needing_results_cells_lack_is_refused_before_any_work(report, sets, change, match):
+    cfg, _ = report
+    ood = {"d89": sets["ood2"]} if change.get("ood") == "other dir" else {"d89": sets["ood"], "o2": sets["ood2"]}
+    changed = bench.BenchConfig(**{**vars(cfg), "ood": ood if "ood" in change else cfg.ood,
+                                   "detectors": change.get("detectors", cfg.detectors)})
+    before = _mtimes(cfg.output)
+    with pytest.raises(ConfigError, match=match) as e:
+        bench.run_bench(changed)
+    assert "rerun with what they hold (--ood=d89=" in str(e.value) and "--detectors=msp" in str(e.value)
+    assert _mtimes(cfg.output) == before  # nothing trained, evaluated or rewritten
+
+
+def test_moved_output_resumes(sets, tmp_path, monkeypatch):
+    cfg = _cfg(sets, str(tmp_path / "out"), methods=["ce", "energy"], seeds=1, init_checkpoint=None,
+               pretrain_epochs=1, detectors=[])
+    bench.run_bench(cfg)
+    moved = str(tmp_path / "moved")
+    shutil.copytree(cfg.output, moved)
+    shutil.rmtree(cfg.output)
+    os.remove(os.path.join(bench.cell_dir(bench.BenchConfig(**{**vars(cfg), "output": moved}), "energy", 0),
+                           bench.RESULT_FILE))  # a cell interrupted before its result: kood.run resumes it
+    trained = []
+    real = bench.run.run_training
+    monkeypatch.setattr(bench.run, "run_training", lambda rc: trained.append(rc.model_dir) or real(rc))
+    cfg.output = moved
+    rep = bench.run_bench(cfg)
+    assert trained == [bench.cell_dir(cfg, "energy", 0)]  # pretraining and the ce cell were reused
+    assert [c["method"] for c in rep["cells"]] == ["ce", "energy"]
+    stored = json.load(open(os.path.join(bench.cell_dir(cfg, "energy", 0), bench.RESULT_FILE)))
+    assert stored["settings"]["init_checkpoint"] == os.path.join("{output}", "pretrain", "seed-0", "last.keras")
+
+
+def test_budget_scaling_is_printed_before_training(sets, tmp_path, monkeypatch, capsys):
+    fake = {"methods": {m: {"step_seconds": 0.05, "pipeline_batches_per_second": 100.0} for m in ("ce", "energy")}}
+    monkeypatch.setattr(bench, "measure_speed", lambda cfg, methods, steps, reps, pipeline_batches: fake)
+
+    def no_training(rc):
+        raise RuntimeError("training started")
+
+    monkeypatch.setattr(bench.run, "run_training", no_training)
+    cfg = _cfg(sets, str(tmp_path / "o"), methods=["ce", "energy"], init_checkpoint=None, pretrain_epochs=40,
+               finetune_epochs=20, steps_per_epoch=50, budget_minutes=3.0)
+    with pytest.raises(RuntimeError, match="training started"):
+        bench.run_bench(cfg)
+    plan = json.load(open(os.path.join(cfg.output, "plan.json")))
+    assert plan["pretrain_epochs"]["used"] < 40
+    assert (f"Budget: --budget_minutes=3.0: epochs scaled down to fit (pretrain 40 -> "
+            f"{plan['pretrain_epochs']['used']}") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, match", [
+    ("aux_data", r"--aux_data=.*big holds \[10, 10, 1\] images, --id_data=.* holds \[8, 8, 1\]: convert"),
+    ("ood", r"--ood set 'd89': .*big holds \[10, 10, 1\] images.*pass --resize=resize or --resize=center_crop"),
+    ("id_data", r"--id_data=.*ood: the ID set must be a labelled 'real'.*Received: kind='ood'"),
+])
+def test_data_sets_are_checked_against_the_id_set_before_any_work(sets, tmp_path, flag, match):
+    out = str(tmp_path / "out")
+    value = {"aux_data": sets["big"], "ood": {"d89": sets["big"]}, "id_data": sets["ood"]}[flag]
+    with pytest.raises(DataError, match=match):
+        bench.run_bench(_cfg(sets, out, init_checkpoint=None, **{flag: value}))
+    assert not os.path.exists(out)
+
+
+def test_cli_speed_passes_pipeline_batches_and_resize(sets, tmp_path):
+    out = tmp_path / "speed"
+    proc = subprocess.run([sys.executable, "-m", "kood.bench", f"--id_data={sets['id']}", f"--aux_data={sets['aux']}",
+                           f"--ood=big={sets['big']}", "--resize=center_crop", "--methods=ce", "--arch_kwargs=width=4",
+                           "--batch_size=16", "--speed", "--speed_steps=1", "--speed_reps=1",
+                           "--speed_pipeline_batches=3", f"--output={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.load(open(out / "speed.json"))["pipeline_batches"] == 3
+
+
 def test_ce_cell_is_reevaluated_when_its_settings_change(report):
     cfg, rep = report
     path = os.path.join(bench.cell_dir(cfg, "ce", 0), bench.RESULT_FILE)
@@ -238,6 +353,9 @@ def test_ce_cell_is_reevaluated_when_its_settings_change(report):
     changed = bench.BenchConfig(**{**vars(cfg), "method_flags": {"*": {"m_in": -9.0, "m_out": -2.0}}})
     with pytest.raises(ConfigError, match="finished cell with other settings"):
         bench.run_bench(changed)  # the trained greg+sio cell was trained with other margins
+    assert os.stat(path).st_mtime_ns == before  # refused before any work
+    changed.methods = ["ce"]
+    bench.run_bench(changed)
     after = json.load(open(path))
     assert os.stat(path).st_mtime_ns != before
     assert after["energy_stats"]["m_in"] == -9.0

@@ -246,7 +246,7 @@ def test_labels_required_and_bad_hyperparameters():
         make_detector("react", model, percentile=100)
     with pytest.raises(ConfigError, match="variant"):
         make_detector("ash", model, variant="x")
-    with pytest.raises(ConfigError, match="knn: bad hyperparameter"):
+    with pytest.raises(ConfigError, match=r"knn: bad hyperparameter .*knn takes \['k'\] \(see kood.detectors.knn\)"):
         make_detector("knn", model, kk=3)
     with pytest.raises(ConfigError, match="k"):
         make_detector("knn", model, k=100).fit(unlabelled)

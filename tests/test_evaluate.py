@@ -62,7 +62,7 @@ def test_evaluate_library(sets):
 def test_size_mismatch_needs_resize(sets):
     model = trained_digits_model()
     for name in ("big", "rgb"):
-        with pytest.raises(DataError, match=f"OOD set '{name}'.*--resize"):
+        with pytest.raises(DataError, match=f"OOD set '{name}' \\(--ood\\) {sets[name]}: images .*--resize=resize"):
             evaluate.evaluate(model, sets["id"], {name: sets[name]}, ["msp"])
     r = evaluate.evaluate(model, sets["id"], {"big": sets["big"]}, ["msp"], resize="center_crop", limit=50)
     assert r["settings"]["counts"]["big"] == 50
@@ -190,3 +190,20 @@ def test_truncated_ood_file_is_named_without_a_traceback(sets, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"kood.evaluate: error: DataError: {shard}: " in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "out" / "results.json")
+
+
+def test_reports_are_strict_json_and_a_rerun_replaces_the_tensorboard_events(sets, tmp_path):
+    from kood.models import load_classifier
+
+    out = str(tmp_path / "out")
+    model = load_classifier(sets["model"])
+    results = evaluate.evaluate(model, sets["id"], {"noise": sets["noise"]}, ["energy"], limit=40, keep_scores=True)
+    results["detectors"]["energy"]["sets"]["noise"]["auroc"] = float("nan")  # e.g. a degenerate score
+    evaluate.write_reports(results, out)
+    events = os.listdir(os.path.join(out, "tensorboard"))
+    text = open(os.path.join(out, "results.json")).read()
+    assert "NaN" not in text and json.loads(text)["detectors"]["energy"]["sets"]["noise"]["auroc"] is None
+    evaluate.write_reports(evaluate.evaluate(model, sets["id"], {"noise": sets["noise"]}, ["msp"], limit=40,
+                                             keep_scores=True), out)
+    assert len(os.listdir(os.path.join(out, "tensorboard"))) == 1
+    assert os.listdir(os.path.join(out, "tensorboard")) != events

@@ -162,7 +162,7 @@ def test_load_classifier_errors_name_the_path(tmp_path):
         load_classifier(str(tmp_path / "nope.keras"))
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="broken.keras"):
+    with pytest.raises(DataError, match="broken.keras is not a readable .keras file"):
         load_classifier(str(broken))
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     plain.save(str(tmp_path / "plain.keras"))

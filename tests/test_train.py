@@ -247,6 +247,11 @@ def test_data_problems_stop_before_any_work(digit_sets, tmp_path):
     with pytest.raises(DataError, match=r"has only the splits \['train'\]"):
         run_lib.run_training(cfg)
     assert not os.path.exists(cfg.model_dir)
+    with pytest.raises(DataError, match=r"--aux_data=\S*nope: dataset directory does not exist"):
+        run_lib.run_training(_config(digit_sets, str(tmp_path / "run"), aux_data=str(tmp_path / "nope")))
+    with pytest.raises(ConfigError, match="--aux_data is the ID set itself"):
+        run_lib.run_training(_config(digit_sets, str(tmp_path / "run"), aux_data=digit_sets["id"]))
+    assert not os.path.exists(cfg.model_dir)
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     with pytest.raises(DataError, match="is a file, not a directory"):
@@ -409,7 +414,8 @@ def test_progress_counts_the_whole_run_and_reports_validation(digit_sets, tmp_pa
     assert "+ 16 auxiliary" in captured.err
     assert [line for line in out.splitlines() if line.startswith("Epoch ")] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
     assert len([line for line in out.splitlines() if line.startswith("epoch ") and ": test accuracy" in line]) == 3
-    assert "epoch 1/3: test accuracy" in out and "(best so far: best.keras)" in out
+    assert "epoch 1/3: test accuracy" in out and "best so far" not in out  # the test split never picks
+    assert "note: best.keras is the last epoch" in captured.err
 
 
 def test_final_metrics_are_those_of_best_keras(digit_sets, tmp_path, monkeypatch):
@@ -423,7 +429,11 @@ def test_final_metrics_are_those_of_best_keras(digit_sets, tmp_path, monkeypatch
         return {**validate(model, directory, split), "val_accuracy": next(accuracies)}
 
     monkeypatch.setattr(run_lib, "_validate", fake_validate)
-    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=3, lr=0.2)
+    # The digit sets have no val split: auto only monitors the test split, so best.keras is the last epoch.
+    auto = run_lib.run_training(_config(digit_sets, str(tmp_path / "auto"), method="energy", epochs=3, lr=0.2))
+    assert auto["checkpoint_epoch"] == 3
+    accuracies = iter([0.9, 0.5, 0.4])
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=3, lr=0.2, val_split="test")
     results = run_lib.run_training(cfg)
     assert (results["checkpoint"], results["checkpoint_epoch"], results["epochs"]) == ("best.keras", 1, 3)
     manifest = run_lib.read_manifest(cfg.id_data)

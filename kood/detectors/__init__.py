@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 
 from kood.detectors.ash import Ash
@@ -56,9 +58,10 @@ def make_detector(name: str, model: keras.Model, **hyperparams) -> Detector:
         raise ConfigError(f"Unknown detector. Known: {sorted(DETECTORS)}. Received: detector={name!r}")
     try:
         return DETECTORS[name](model, **hyperparams)
-    except TypeError as e:  # an unknown hyperparameter: name the detector
-        raise ConfigError(f"{name}: bad hyperparameter ({e}). See kood.detectors.{DETECTORS[name].__module__}. "
-                          f"Received: {hyperparams}") from e
+    except TypeError as e:  # an unknown hyperparameter: name the detector and its hyperparameters
+        known = [p for p in inspect.signature(DETECTORS[name]).parameters if p != "model"]
+        raise ConfigError(f"{name}: bad hyperparameter ({e}); {name} takes {known or 'none'} "
+                          f"(see {DETECTORS[name].__module__}). Received: {hyperparams}") from e
 
 
 __all__ = ["DETECTORS", "Detector", "collect_outputs", "make_detector"] + [c.__name__ for c in DETECTORS.values()]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from typing import Callable, Sequence
 
 import keras
@@ -169,6 +170,9 @@ def load_classifier(path: str) -> keras.Model:
         raise DataError(f"Cannot load a classifier: {where}. Received: path={path!r}")
     if not file.endswith(".keras"):
         raise DataError(f"A classifier file must be a .keras file (model.save). Received: path={file!r}")
+    if not zipfile.is_zipfile(file):  # Keras would say "File not found" for a damaged file
+        raise DataError(f"{file} is not a readable .keras file (not a zip archive: truncated, damaged or another "
+                        f"format). Received: path={path!r}")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
