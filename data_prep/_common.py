@@ -10,7 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
-from kood.writer import DEFAULT_ENCODING  # noqa: E402
+from kood.writer import DEFAULT_ENCODING, removed_if_left_empty  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -21,7 +21,8 @@ def define_conversion_flags(default_kind: str, kinds: list[str]) -> None:
         "source", None,
         "What to convert, FORM:ARG. tfds:NAME[:SPLIT] (TensorFlow Datasets, data must be local); "
         "cifar:DIR (python-pickle CIFAR-10 or CIFAR-100 dir); folder:DIR (class subfolders = labelled, "
-        "flat = unlabelled); npz:FILE (--images_key/--labels_key, default x/y or images/labels, or "
+        "flat = unlabelled, SPLIT/CLASS subfolders such as train/cat/ and test/cat/ = one split each); "
+        "npz:FILE (--images_key/--labels_key, default x/y or images/labels, or "
         "x_train/y_train/x_test/...); npy:FILE (unlabelled N x H x W x C uint8, memory-mapped); "
         "mat:FILE (SVHN *_32x32.mat).", required=True)
     flags.DEFINE_string("out", None, "Output dataset directory.", required=True)
@@ -97,7 +98,8 @@ def convert_main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        manifest = convert(FLAGS.source, FLAGS.out, **conversion_kwargs())
+        with removed_if_left_empty(FLAGS.out):
+            manifest = convert(FLAGS.source, FLAGS.out, **conversion_kwargs())
     except (ConfigError, DataError) as e:
         raise SystemExit(f"error: {e}")
     report(manifest, FLAGS.out)

@@ -3,11 +3,13 @@ r"""Convert an auxiliary outlier set (unlabelled; e.g. 300K RandomImages) to a k
     python -m data_prep.outliers --source=npy:/data/300K_random_images.npy --out=data/rand300k --num_shards=16
 """
 
-from absl import app
+from absl import app, flags
 
+from data_prep import _common
 from data_prep._common import convert_main, define_conversion_flags
 
 define_conversion_flags("outlier", ["outlier", "ood"])
+flags.adopt_module_key_flags(_common)  # list the shared flags in --help
 
 
 main = convert_main

@@ -35,11 +35,13 @@ def main(argv):
 
     from kood.errors import ConfigError, DataError
     from kood.synthesize import synthesize
+    from kood.writer import removed_if_left_empty
 
     try:
-        manifest = synthesize(FLAGS.real, FLAGS.out, FLAGS.num_images, model=FLAGS.model, epochs=FLAGS.epochs,
-                              seed=FLAGS.seed, split=FLAGS.split, num_shards=FLAGS.num_shards,
-                              overwrite=FLAGS.overwrite)
+        with removed_if_left_empty(FLAGS.out):
+            manifest = synthesize(FLAGS.real, FLAGS.out, FLAGS.num_images, model=FLAGS.model,
+                                  epochs=FLAGS.epochs, seed=FLAGS.seed, split=FLAGS.split,
+                                  num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite)
     except (ConfigError, DataError) as e:
         raise SystemExit(f"error: {e}")
     print(f"wrote {manifest.count('train')} synthetic images to {FLAGS.out}")

@@ -50,7 +50,7 @@ from kood import data, run  # noqa: E402
 from kood.detectors.energy import energy_score  # noqa: E402
 from kood.errors import ConfigError, DataError  # noqa: E402
 from kood.evaluate import evaluate, parse_detectors, parse_ood  # noqa: E402
-from kood.manifest import read_json, read_manifest, write_text_atomic  # noqa: E402
+from kood.manifest import json_text, read_json, read_manifest, write_text_atomic  # noqa: E402
 from kood.methods import METHODS, method_config  # noqa: E402
 from kood.models import PRECISIONS, build_classifier, load_classifier  # noqa: E402
 from kood.progress import Progress  # noqa: E402
@@ -447,7 +447,7 @@ def run_speed(cfg: BenchConfig, steps: int = 20, reps: int = 5, pipeline_batches
     speed = measure_speed(cfg, cfg.methods, steps, reps, pipeline_batches)
     os.makedirs(cfg.output, exist_ok=True)
     write_text_atomic(os.path.join(cfg.output, "speed.md"), speed_markdown(speed))
-    write_text_atomic(os.path.join(cfg.output, "speed.json"), json.dumps(speed, indent=2) + "\n")
+    write_text_atomic(os.path.join(cfg.output, "speed.json"), json_text(speed))
     return speed
 
 
@@ -989,7 +989,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         "cells": cells, "wall_seconds_this_run": round(time.time() - bench_start, 1)}
     report["plots"] = write_plots(cfg, cfg.methods)
     write_text_atomic(os.path.join(cfg.output, "results.md"), markdown(report))
-    write_text_atomic(os.path.join(cfg.output, "results.json"), json.dumps(report, indent=2) + "\n")
+    write_text_atomic(os.path.join(cfg.output, "results.json"), json_text(report))
     return report
 
 

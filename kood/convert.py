@@ -26,7 +26,7 @@ from kood.manifest import KINDS, Manifest, read_manifest, write_manifest
 from kood.progress import Progress
 from kood.records import ENCODINGS, UNLABELLED
 from kood.sources import Source, SplitSource, open_source
-from kood.writer import DEFAULT_ENCODING, DatasetWriter, class_names_for, command_line, write_shard
+from kood.writer import DEFAULT_ENCODING, DatasetWriter, check_out_dir, class_names_for, command_line, write_shard
 
 RESIZE_MODES = ("resize", "center_crop")
 UNLABELLED_KINDS = ("outlier", "ood")
@@ -78,6 +78,9 @@ def _check_args(kind, image_size, resize, channels, limit, num_shards, workers, 
         raise ConfigError(f"--image_size must be >= 1. Received: image_size={image_size}")
     if resize not in RESIZE_MODES:
         raise ConfigError(f"--resize must be one of {RESIZE_MODES}. Received: resize={resize!r}")
+    if resize != "resize" and image_size is None:  # else it would be silently ignored
+        raise ConfigError(f"--resize={resize} needs --image_size (the side of the square to crop to); without "
+                          f"--image_size images keep their size. Received: resize={resize!r}, image_size=None")
     if channels not in (None, 1, 3):
         raise ConfigError(f"--channels must be 1 or 3. Received: channels={channels}")
     if limit is not None and limit < 1:
@@ -184,12 +187,14 @@ def convert(source: str, out_dir: str, *, kind: str = "real", split: str | None 
         m = convert("npz:digits.npz", "data/digits", image_size=32, channels=3, num_shards=2)
     """
     _check_args(kind, image_size, resize, channels, limit, num_shards, workers, encoding, task_index, num_tasks)
+    check_out_dir(out_dir, overwrite)
     src = open_source(source, images_key=images_key, labels_key=labels_key)
     splits = _output_splits(src, split, kind)
     labelled = src.labelled and kind not in UNLABELLED_KINDS
     if kind not in UNLABELLED_KINDS and not src.labelled and not allow_unlabelled:
-        raise DataError(f"{source}: has no labels, but kind={kind!r} needs them "
-                        f"(use --kind=outlier/ood, or data_prep.synthetic --pseudo_label_model)")
+        raise DataError(f"{source}: has no labels, but kind={kind!r} needs them. For a held-out OOD test set "
+                        f"pass --kind=ood; convert auxiliary outliers with data_prep.outliers; label "
+                        f"synthetic images with data_prep.synthetic --pseudo_label_model")
     num_classes = src.num_classes if labelled else 0
 
     rng = np.random.default_rng(seed)
@@ -297,7 +302,7 @@ def convert_and_pseudo_label(source: str, out_dir: str, model_path: str, *, min_
     Example:
         convert_and_pseudo_label("folder:gan_samples", "data/syn", "runs/ce", min_confidence=0.9)
     """
-    from kood.pseudo_label import pseudo_label
+    from kood.pseudo_label import load_model, pseudo_label
 
     if not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"--min_confidence must be in [0, 1]. Received: min_confidence={min_confidence}")
@@ -306,16 +311,19 @@ def convert_and_pseudo_label(source: str, out_dir: str, model_path: str, *, min_
                           f"whole converted set); use one task. Received: num_tasks={convert_kwargs['num_tasks']}")
     if not os.path.exists(model_path):
         raise ConfigError(f"--pseudo_label_model={model_path}: no such file or directory")
-    if os.path.exists(os.path.join(out_dir, "manifest.json")) and not overwrite:
-        raise DataError(f"{out_dir}: already holds a complete dataset; pass --overwrite to replace it")
+    check_out_dir(out_dir, overwrite)
+    model = load_model(model_path)  # before the conversion: a bad model or image size fails fast
+    size, channels = convert_kwargs.get("image_size"), convert_kwargs.get("channels")
+    _check_model_input(model, (size, size, channels), source, model_path, size, channels)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.unlabelled.", dir=parent)
     try:
         unlabelled = convert(source, tmp, kind="synthetic", allow_unlabelled=True, overwrite=True,
                              command=command, **convert_kwargs)
+        _check_model_input(model, unlabelled.image_shape, source, model_path, size, channels)
         pseudo_label(tmp, out_dir, model_path, min_confidence=min_confidence, batch_size=batch_size,
-                     overwrite=overwrite, command=command)
+                     overwrite=overwrite, command=command, model=model, name=f"--source={source}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # pseudo_label records the (now removed) temporary dir as its source; point at the real one
@@ -326,3 +334,14 @@ def convert_and_pseudo_label(source: str, out_dir: str, model_path: str, *, min_
                       "conversion": unlabelled.extra["conversion"]}
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def _check_model_input(model, shape, source: str, model_path: str, image_size, channels) -> None:
+    """Names the user's flags (not the temporary dir) when the converted images do not fit the model."""
+    from kood.pseudo_label import fits_input
+
+    if not fits_input(model, shape):
+        shown = "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+        raise DataError(f"--source={source} converts to images of shape {shown}, but the model "
+                        f"--pseudo_label_model={model_path} takes {tuple(model.input_shape[1:])}; pass --image_size "
+                        f"and --channels to match it. Received: image_size={image_size}, channels={channels}")

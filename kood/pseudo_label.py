@@ -14,16 +14,21 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from kood.errors import ConfigError, DataError
-from kood.manifest import Manifest, read_manifest, shard_name
+from kood.manifest import Manifest, read_manifest
 from kood.progress import Progress
 
+if TYPE_CHECKING:
+    import keras
 
-def _load_classifier(model_path: str):
-    """kood.models.load_classifier when available; the same contract otherwise (design.md)."""
+
+def load_model(model_path: str) -> keras.Model:
+    """Loads a classifier: kood.models.load_classifier when available; the same contract otherwise (design.md)."""
     try:
         from kood.models import load_classifier
     except ImportError:  # kood.models lands separately; its contract is a .keras file or a dir with best.keras
@@ -37,6 +42,12 @@ def _load_classifier(model_path: str):
     return load_classifier(model_path)
 
 
+def fits_input(model: keras.Model, shape: Sequence[int | None]) -> bool:
+    """True if images of `shape` `(H, W, C)` fit the model's input; a None in `shape` matches anything."""
+    model_shape = tuple(model.input_shape[1:])
+    return len(model_shape) == 3 and all(m is None or d is None or int(m) == d for m, d in zip(model_shape, shape))
+
+
 def model_num_classes(model) -> int:
     """Units of the Dense layer named `classifier`, else the last output dimension."""
     try:
@@ -47,7 +58,8 @@ def model_num_classes(model) -> int:
 
 def pseudo_label(src_dir: str, out_dir: str, model_path: str, *, min_confidence: float = 0.0,
                  batch_size: int = 256, overwrite: bool = False, real_dir: str | None = None,
-                 command: str | None = None) -> Manifest:
+                 command: str | None = None, model: keras.Model | None = None,
+                 name: str | None = None) -> Manifest:
     """Writes a labelled copy (kind=synthetic) of every split of `src_dir`.
 
     Args:
@@ -60,6 +72,8 @@ def pseudo_label(src_dir: str, out_dir: str, model_path: str, *, min_confidence:
         real_dir: optional real kood dataset whose `class_names` to use (its
             num_classes must equal the model's); default names "0".."K-1".
         command: recorded in the manifest (default: this process's command line).
+        model: the classifier at `model_path` if already loaded (`load_model`), so it is not loaded twice.
+        name: how errors name the images (default `src_dir`), e.g. the user's `--source=...`.
 
     Returns:
         The written manifest; `extra` holds model_path, min_confidence, kept,
@@ -78,11 +92,10 @@ def pseudo_label(src_dir: str, out_dir: str, model_path: str, *, min_confidence:
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
     manifest = read_manifest(src_dir)
-    model = _load_classifier(model_path)
-    model_shape = tuple(model.input_shape[1:])
-    if len(model_shape) != 3 or any(m is not None and int(m) != d for m, d in zip(model_shape, manifest.shape)):
+    model = model if model is not None else load_model(model_path)
+    if not fits_input(model, manifest.shape):
         raise DataError(f"{src_dir}: image shape {manifest.shape} does not match the input shape "
-                        f"{model_shape} of the model {model_path}")
+                        f"{tuple(model.input_shape[1:])} of the model {model_path}")
     num_classes = model_num_classes(model)
     class_names = None
     if real_dir is not None:
@@ -113,15 +126,26 @@ def pseudo_label(src_dir: str, out_dir: str, model_path: str, *, min_confidence:
             if kept == 0:
                 for info in infos:
                     os.remove(os.path.join(out_dir, info["file"]))
-                raise DataError(f"{src_dir}: no image of split {split!r} reaches min_confidence={min_confidence}; "
-                                f"nothing to write")
+                raise DataError(f"{name or src_dir}: no image of split {split!r} reaches "
+                                f"min_confidence={min_confidence}; nothing to write")
             writer.add_split(split, infos)
             per_split[split] = {"kept": kept, "dropped": seen - kept}
     kept = sum(s["kept"] for s in per_split.values())
+    print(class_summary(writer.class_names, per_class), file=sys.stderr)
     extra = {"model_path": os.path.abspath(model_path), "min_confidence": float(min_confidence),
              "kept": kept, "dropped": total - kept, "per_class": per_class.tolist(), "per_split": per_split,
              "source_dir": os.path.abspath(src_dir), "source_kind": manifest.kind}
     return writer.finish(source=f"pseudo_label:{os.path.abspath(src_dir)}", command=command, extra=extra)
+
+
+def class_summary(class_names: list[str], per_class) -> str:
+    """Kept images per class, and a warning naming the classes that got none (a lopsided set is easy to miss)."""
+    text = "pseudo-labels per class: " + ", ".join(f"{n}={int(c)}" for n, c in zip(class_names, per_class))
+    empty = [n for n, c in zip(class_names, per_class) if c == 0]
+    if empty:
+        text += (f"\nwarning: no image was labelled as class(es) {empty} ({len(empty)} of {len(class_names)}); "
+                 f"lower --min_confidence, add images, or check the model")
+    return text
 
 
 def _labelled_items(ds, model, min_confidence: float, per_class: np.ndarray, bar: Progress, path: str):

@@ -4,7 +4,8 @@ SRC forms (see `open_source`):
 - `tfds:NAME[:SPLIT]`  a TensorFlow Datasets builder (needs the data locally)
 - `cifar:PATH`         python-pickle CIFAR-10 (data_batch_1..5, test_batch, batches.meta)
                        or CIFAR-100 (train, test, meta; fine labels)
-- `folder:PATH`        class subfolders (labelled) or a flat folder of images (unlabelled)
+- `folder:PATH`        class subfolders (labelled), a flat folder of images (unlabelled), or split
+                       folders of class subfolders (`PATH/train/CLASS/*`, `PATH/test/CLASS/*`)
 - `npz:PATH`           arrays in an .npz (`x`/`y`, `images`/`labels`, or `x_train`/`y_train`/...)
 - `npy:PATH`           one unlabelled `[N, H, W(, C)]` uint8 array, memory-mapped (never loaded whole)
 - `mat:PATH`           SVHN `*_32x32.mat` (X is 32x32x3xN, y in 1..10 with 10 meaning digit 0)
@@ -278,31 +279,66 @@ def _list_images(directory: str) -> list[str]:
                   if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f)))
 
 
-def _folder(spec: str, path: str) -> Source:
-    if not os.path.isdir(path):
-        raise DataError(f"{path}: folder: needs a directory")
-    subdirs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
-    top = _list_images(path)
+def _subdirs(path: str) -> list[str]:
+    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+
+
+def _is_split_dir(path: str) -> bool:
+    """A split folder of a SPLIT/CLASS/image tree: class subfolders and no images of its own."""
+    return bool(_subdirs(path)) and not _list_images(path)
+
+
+def _folder_split(path: str, where: str) -> tuple[list[str], list[int], list[str]]:
+    """`(files, labels, class names)` of one folder: class subfolders (labelled) or flat images (unlabelled)."""
+    subdirs, top = _subdirs(path), _list_images(path)
     if subdirs and top:
         raise DataError(f"{path}: has both class subfolders {subdirs[:5]} and loose images (e.g. {top[0]}); "
                         f"use one layout")
-    if subdirs:
-        files, labels = [], []
-        for label, name in enumerate(subdirs):
-            found = _list_images(os.path.join(path, name))
-            files += found
-            labels += [label] * len(found)
-        names = subdirs
-    else:
-        files, labels, names = top, [UNLABELLED] * len(top), []
+    if not subdirs:
+        return top, [UNLABELLED] * len(top), []
+    files, labels = [], []
+    for label, name in enumerate(subdirs):
+        found = _list_images(os.path.join(path, name))
+        if not found:  # it would still be a class, with no images, and shift the label space
+            raise DataError(f"{os.path.join(path, name)}: class folder has no images (extensions "
+                            f"{IMAGE_EXTENSIONS}); every subfolder of {where} is a class, so remove it "
+                            f"or add its images")
+        files += found
+        labels += [label] * len(found)
+    return files, labels, subdirs
+
+
+def _folder(spec: str, path: str) -> Source:
+    """Class subfolders, a flat folder, or split folders of class subfolders (`train/cat/1.png`, `test/cat/...`)."""
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: folder: needs a directory")
+    subdirs = _subdirs(path)
+    if subdirs and not _list_images(path) and all(_is_split_dir(os.path.join(path, d)) for d in subdirs):
+        # SPLIT/CLASS/image: one labelled split per subfolder, train first (it is written first)
+        splits, names = {}, None
+        for split in sorted(subdirs, key=lambda d: (d != "train", d)):
+            where = os.path.join(path, split)
+            files, labels, split_names = _folder_split(where, f"{where} (the {split} split)")
+            if names is None:
+                names, first = split_names, where
+            elif split_names != names:
+                raise DataError(f"{where}: class folders {split_names} differ from {first}'s {names} (missing: "
+                                f"{sorted(set(names) - set(split_names))}, extra: "
+                                f"{sorted(set(split_names) - set(names))}); every split needs the same classes")
+            splits[split] = _files_split(files, labels)
+        return Source(spec, splits, names)
+    files, labels, names = _folder_split(path, path)
     if not files:
         raise DataError(f"{path}: no images found (extensions {IMAGE_EXTENSIONS}); the dataset would be empty")
+    return Source(spec, {"train": _files_split(files, labels)}, names, named_splits=False)
 
+
+def _files_split(files: list[str], labels: list[int]) -> SplitSource:
     def read(indices):
         for i in indices:
             yield int(i), load_image_file(files[i]), labels[i]
 
-    return Source(spec, {"train": SplitSource(len(files), read, lambda i: files[i])}, names, named_splits=False)
+    return SplitSource(len(files), read, lambda i: files[i])
 
 
 # --- TensorFlow Datasets ----------------------------------------------------------------------------

@@ -321,12 +321,13 @@ def synthesize(real_dir: str, out_dir: str, num_images: int, *, model: str = "gm
     Example:
         synthesize("data/cifar10", "data/cifar10_syn", 50000, model="gmm")
     """
-    from kood.writer import DatasetWriter
+    from kood.writer import DatasetWriter, check_out_dir
 
     if num_images < 1:
         raise ConfigError(f"num_images must be >= 1. Received: num_images={num_images}")
     if model not in MODELS:
         raise ConfigError(f"model must be one of {MODELS}. Received: model={model!r}")
+    check_out_dir(out_dir, overwrite)  # before fitting the generator, which can take minutes
     manifest = read_manifest(real_dir)
     if manifest.num_classes == 0:
         raise DataError(f"{real_dir}: has no labels (num_classes=0, kind={manifest.kind}); "

@@ -155,7 +155,9 @@ def config_from_flags() -> RunConfig:
 
         if FLAGS.aux_data or FLAGS.syn_data or ood:
             raise ConfigError("--aux_data/--syn_data/--ood_data need --id_data (without it kood runs the demo)")
-        dirs = build_demo(FLAGS.demo_dir) if not _demo_ready(FLAGS.demo_dir) else _demo_dirs(FLAGS.demo_dir)
+        # Missing or partial (e.g. one role deleted): rebuild them all; the build is deterministic.
+        ready = _demo_ready(FLAGS.demo_dir)
+        dirs = _demo_dirs(FLAGS.demo_dir) if ready else build_demo(FLAGS.demo_dir, overwrite=True)
         id_data, ood, suffix = dirs["id"], {"demo_ood": dirs["ood"]}, "-demo"
         values["aux_data"] = dirs["aux"]
         if values["sio_ratio"] < 1.0:

@@ -90,19 +90,55 @@ def class_names_for(class_names: list[str] | None, num_classes: int) -> list[str
     return list(class_names) if class_names else [str(i) for i in range(num_classes)]
 
 
+def check_directory_path(directory: str) -> None:
+    """Raises DataError if `directory`, or the closest of its parents that exists, is a file."""
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        if existing == os.path.abspath(directory):
+            raise DataError(f"--out={directory} is a file, not a directory; pass a directory path")
+        raise DataError(f"--out={directory}: {existing} is a file, not a directory; pass a directory path")
+
+
+def check_out_dir(directory: str, overwrite: bool) -> None:
+    """Raises DataError if `directory` cannot be claimed (see `claim_directory`), before any slow work."""
+    check_directory_path(directory)
+    if not overwrite and os.path.exists(os.path.join(directory, MANIFEST)):
+        raise DataError(f"{directory}: already holds a complete dataset; pass --overwrite to replace it")
+
+
 def claim_directory(directory: str, overwrite: bool) -> None:
-    """Creates `directory`; an existing complete dataset there is an error unless `overwrite`.
+    """Creates `directory`; a file there, or an existing complete dataset unless `overwrite`, is an error.
 
     With `overwrite` the manifest goes first, so from here on the directory no
     longer looks complete. Tolerates a concurrent removal (fanned-out tasks).
     """
-    manifest = os.path.join(directory, MANIFEST)
-    if os.path.exists(manifest):
-        if not overwrite:
-            raise DataError(f"{directory}: already holds a complete dataset; pass --overwrite to replace it")
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(manifest)
+    check_out_dir(directory, overwrite)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(directory, MANIFEST))
     os.makedirs(directory, exist_ok=True)
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(directory: str) -> Iterator[None]:
+    """On an exception in the block, removes `directory` (and its parents) if the block created it and it is empty.
+
+    A failed run should not leave an empty output directory behind; a directory
+    that existed before, or holds anything (user files, finished shards), stays.
+    """
+    created = []  # deepest first
+    path = os.path.abspath(directory)
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(OSError):  # not empty (or already gone): keep it and its parents
+                os.rmdir(path)
+        raise
 
 
 def mean_std(count: int, total, total_sq, image_shape) -> tuple[list[float], list[float]]:

@@ -1,6 +1,5 @@
 """kood.convert and the data_prep CLIs: options, workers, atomic interruption, pseudo-labelling, bad input."""
 
-import json
 import os
 import signal
 import subprocess
@@ -220,3 +219,83 @@ def test_bad_flags_are_config_errors(tmp_path):
     d, _ = dh.make_cifar10_dir(tmp_path / "c", 5, 5)
     with pytest.raises(ConfigError, match="--split='valid' is not a split"):
         _convert(f"cifar:{d}", tmp_path / "out", split="valid")
+
+
+def test_cli_help_lists_the_shared_flags():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    procs = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True)
+             for m in ("data_prep.real", "data_prep.outliers")}  # in parallel: each pays a TF import
+    out = {m: p.communicate(timeout=120)[0] for m, p in procs.items()}
+    for m, text in out.items():
+        assert "--source:" in text and "--out:" in text and "--image_size:" in text, (m, text)
+
+
+def test_out_that_is_a_file_is_a_data_error(tmp_path):
+    d, _, _ = dh.make_image_folder(tmp_path / "f", {"a": 2}, size=(8, 8))
+    (tmp_path / "afile").write_text("hi\n")
+    with pytest.raises(DataError, match=f"--out={tmp_path / 'afile'} is a file, not a directory"):
+        _convert(f"folder:{d}", tmp_path / "afile")
+    with pytest.raises(DataError, match=f"{tmp_path / 'afile'} is a file, not a directory"):
+        _convert(f"folder:{d}", tmp_path / "afile" / "sub")
+    assert (tmp_path / "afile").read_text() == "hi\n"
+
+
+def test_removed_if_left_empty_removes_only_what_the_block_created_and_left_empty(tmp_path):
+    from kood.writer import removed_if_left_empty
+
+    for out, content in ((tmp_path / "a" / "b", None), (tmp_path / "c", "shard")):
+        with pytest.raises(DataError):
+            with removed_if_left_empty(str(out)):
+                out.mkdir(parents=True)
+                if content:
+                    (out / "x.tfrecord").write_text(content)
+                raise DataError("failed")
+    assert not (tmp_path / "a").exists()  # created parents go too
+    assert (tmp_path / "c" / "x.tfrecord").exists()  # not empty: kept
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(DataError):
+        with removed_if_left_empty(str(tmp_path / "existing")):
+            raise DataError("failed")
+    assert (tmp_path / "existing").is_dir()
+
+
+def test_cli_failed_run_removes_the_out_it_created(tmp_path):
+    d, _, _ = dh.make_image_folder(tmp_path / "f", {"a": 2}, size=(8, 8))
+    (tmp_path / "f" / "a" / "img9999.png").write_text("not a png")  # read after the writer made --out
+    out = tmp_path / "data" / "c1"
+    r = _cli("data_prep.real", f"--source=folder:{d}", f"--out={out}")
+    assert r.returncode != 0 and "img9999.png: cannot read image" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_center_crop_without_image_size_is_an_error(tmp_path):
+    d, _, _ = dh.make_image_folder(tmp_path / "f", {"a": 2}, size=(8, 8))
+    with pytest.raises(ConfigError, match="--resize=center_crop needs --image_size.*Received: resize='center_crop'"):
+        _convert(f"folder:{d}", tmp_path / "out", resize="center_crop")
+
+
+def test_unlabelled_real_points_at_the_tools_that_take_it(tmp_path):
+    d, _, _ = dh.make_image_folder(tmp_path / "flat", 2, size=(8, 8))
+    with pytest.raises(DataError, match="has no labels") as e:
+        _convert(f"folder:{d}", tmp_path / "out")
+    # data_prep.real only takes --kind=real|ood: the message must not suggest --kind=outlier
+    assert "--kind=ood" in str(e.value) and "data_prep.outliers" in str(e.value)
+    assert "--kind=outlier" not in str(e.value)
+
+
+def test_pseudo_label_errors_name_the_source_not_the_temp_dir(tmp_path):
+    d, _, _ = dh.make_image_folder(tmp_path / "gen", 4)  # 32x32x3
+    _tiny_classifier(str(tmp_path / "m16.keras"), shape=(16, 16, 3))
+    _tiny_classifier(str(tmp_path / "m.keras"))
+    for kw, model in (({"image_size": 24}, "m16.keras"), ({}, "m16.keras")):  # before / after converting
+        with pytest.raises(DataError, match=rf"--source=folder:{d} converts to images of shape \((24|32), \1, "
+                                            r".*takes \(16, 16, 3\).*--image_size") as e:
+            convert_and_pseudo_label(f"folder:{d}", str(tmp_path / "syn"), str(tmp_path / model),
+                                     show_progress=False, **kw)
+        assert ".unlabelled." not in str(e.value)
+    with pytest.raises(DataError, match=f"^--source=folder:{d}: no image .* reaches min_confidence=1.0"):
+        convert_and_pseudo_label(f"folder:{d}", str(tmp_path / "syn"), str(tmp_path / "m.keras"),
+                                 min_confidence=1.0, show_progress=False)
+    assert not [f for f in os.listdir(tmp_path) if ".unlabelled." in f]

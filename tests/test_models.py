@@ -1,14 +1,12 @@
 """kood.models: registry, classifier assembly, sub-models sharing weights, save/load."""
 
-import os
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from kood.errors import ConfigError, DataError
-from kood.models import (ARCHITECTURES, build_classifier, load_classifier, model_precision, normalized_model,
+from kood.models import (build_classifier, load_classifier, model_precision, normalized_model,
                          outputs_model)
 from tests.model_helpers import tiny_classifier, tiny_images
 

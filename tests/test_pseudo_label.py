@@ -109,3 +109,16 @@ def test_bad_input(unlabelled, tmp_path):
     write_arrays(real4, {"train": (np.zeros((4,) + SHAPE, np.uint8), np.arange(4))})
     with pytest.raises(DataError, match="4 classes"):
         pseudo_label(src, str(tmp_path / "out3"), str(tmp_path / "m.keras"), real_dir=real4)
+
+
+def test_classes_without_images_are_named_on_stderr(unlabelled, tmp_path, capsys):
+    src, _ = unlabelled
+    model = _tiny_classifier(str(tmp_path / "m.keras"))
+    kernel, _ = model.get_layer("classifier").get_weights()
+    model.get_layer("classifier").set_weights([kernel * 0, np.array([0.0, 5.0, 0.0])])  # always class 1
+    model.save(str(tmp_path / "m.keras"))
+    m = pseudo_label(src, str(tmp_path / "out"), str(tmp_path / "m.keras"))
+    assert m.extra["per_class"] == [0, 95, 0]
+    err = capsys.readouterr().err
+    assert "pseudo-labels per class: 0=0, 1=95, 2=0" in err
+    assert "warning: no image was labelled as class(es) ['0', '2'] (2 of 3)" in err

@@ -128,3 +128,31 @@ def test_unknown_form_and_missing_path(tmp_path):
     missing = tmp_path / "nope.npz"
     with pytest.raises(DataError, match=f"{missing}: source path does not exist"):
         open_source(f"npz:{missing}")
+
+
+def test_folder_of_split_folders_gives_one_split_each_with_the_same_classes(tmp_path):
+    _, x_train, y_train = dh.make_image_folder(tmp_path / "imgs" / "train", {"cat": 4, "dog": 3})
+    _, x_test, y_test = dh.make_image_folder(tmp_path / "imgs" / "test", {"cat": 2, "dog": 1}, seed=7)
+    m = _roundtrip(f"folder:{tmp_path / 'imgs'}", tmp_path / "out")
+    assert list(m.splits) == ["train", "test"] and m.class_names == ["cat", "dog"]
+    assert m.count("train") == 7 and m.count("test") == 3
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        images, labels, _, _ = dh.read_split(tmp_path / "out", split)
+        np.testing.assert_array_equal(images, x)
+        np.testing.assert_array_equal(labels, y)  # dog is 1 in both splits
+    assert list(_roundtrip(f"folder:{tmp_path / 'imgs'}", tmp_path / "t", split="test").splits) == ["test"]
+
+
+def test_split_folders_with_different_classes_are_an_error(tmp_path):
+    dh.make_image_folder(tmp_path / "imgs" / "train", {"cat": 2, "dog": 2})
+    dh.make_image_folder(tmp_path / "imgs" / "test", {"cat": 1, "cow": 1})
+    with pytest.raises(DataError, match=r"imgs/test: class folders \['cat', 'cow'\] differ .*"
+                                        r"missing: \['dog'\], extra: \['cow'\]"):
+        open_source(f"folder:{tmp_path / 'imgs'}")
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path):
+    d, _, _ = dh.make_image_folder(tmp_path / "f", {"a": 2})
+    (tmp_path / "f" / "b").mkdir()
+    with pytest.raises(DataError, match=f"{tmp_path / 'f' / 'b'}: class folder has no images.*remove it"):
+        open_source(f"folder:{d}")

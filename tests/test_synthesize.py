@@ -78,3 +78,17 @@ def test_bad_input(real_dir, tmp_path):
         synthesize(real_dir, str(tmp_path / "o"), 0)
     with pytest.raises(ConfigError, match="model='gan'"):
         synthesize(real_dir, str(tmp_path / "o"), 5, model="gan")
+
+
+def test_existing_out_is_refused_before_fitting(real_dir, tmp_path, monkeypatch):
+    import kood.synthesize as ks
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the generator was fitted before --out was checked")
+
+    monkeypatch.setattr(ks, "generate", fail)
+    with pytest.raises(DataError, match="already holds a complete dataset; pass --overwrite"):
+        synthesize(real_dir, real_dir, 10)  # real_dir is a complete dataset
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DataError, match="is a file, not a directory"):
+        synthesize(real_dir, str(tmp_path / "afile"), 10)

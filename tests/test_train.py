@@ -461,3 +461,24 @@ def test_damaged_data_file_is_named_without_a_traceback(digit_sets, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"kood.train: error: {shard}: " in proc.stderr and "data_prep.verify" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_partial_demo_cache_is_rebuilt(tmp_path):
+    import shutil
+
+    from absl import flags
+
+    from kood import train
+    from kood.demo_data import build_demo
+
+    root = str(tmp_path / "demo")
+    build_demo(root)
+    shutil.rmtree(os.path.join(root, "ood"))  # e.g. a user cleaned part of the cache
+    try:
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["kood.train", f"--demo_dir={root}", f"--model_dir={tmp_path / 'run'}"])
+        cfg = train.config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert cfg.ood_data == {"demo_ood": os.path.join(root, "ood")}
+    assert os.path.exists(os.path.join(root, "ood", "manifest.json"))
