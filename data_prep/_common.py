@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
+from typing import Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -88,18 +90,31 @@ def report(manifest, out: str) -> None:
           f"num_classes={manifest.num_classes} encoding={manifest.encoding} {splits}")
 
 
+@contextlib.contextmanager
+def cli_errors(out: str | None = None) -> Iterator[None]:
+    """Bad input exits with one `error: ...` line and Ctrl-C with one line, without a traceback.
+
+    With `out`: an output directory the block created and left empty is removed on failure.
+    """
+    from kood.errors import ConfigError, DataError
+
+    try:
+        with removed_if_left_empty(out) if out else contextlib.nullcontext():
+            yield
+    except (ConfigError, DataError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted (Ctrl-C): nothing was marked complete; rerun the same command") from None
+
+
 def convert_main(argv) -> None:
     """`main` of the plain conversion CLIs (real, outliers): convert `--source` into `--out`."""
     from absl import app
 
     from kood.convert import convert
-    from kood.errors import ConfigError, DataError
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        with removed_if_left_empty(FLAGS.out):
-            manifest = convert(FLAGS.source, FLAGS.out, **conversion_kwargs())
-    except (ConfigError, DataError) as e:
-        raise SystemExit(f"error: {e}")
+    with cli_errors(FLAGS.out):
+        manifest = convert(FLAGS.source, FLAGS.out, **conversion_kwargs())
     report(manifest, FLAGS.out)

@@ -11,6 +11,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+from data_prep._common import cli_errors  # noqa: E402
+
 flags.DEFINE_string("out", None, "Root directory for the demo datasets (id, aux, ood, syn).", required=True)
 flags.DEFINE_integer("seed", 0, "Split and generator seed; the same seed gives byte-identical shards.")
 flags.DEFINE_integer("image_size", 16, "Image side: 8 (native digits) or larger (bilinear upsampling).")
@@ -23,13 +25,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from kood.demo_data import build_demo
-    from kood.errors import ConfigError, DataError
 
-    try:
+    with cli_errors():
         dirs = build_demo(FLAGS.out, seed=FLAGS.seed, overwrite=FLAGS.overwrite, image_size=FLAGS.image_size,
                           num_synthetic=FLAGS.num_synthetic)
-    except (ConfigError, DataError) as e:
-        raise SystemExit(f"error: {e}")
     for role, d in dirs.items():
         print(f"{role}: {d}")
 

@@ -19,19 +19,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 
-from data_prep._common import command_line, report  # noqa: E402
+from data_prep._common import cli_errors, command_line, report  # noqa: E402
 
 
 def main(argv):
     if len(argv) != 2:
         raise app.UsageError("Usage: python -m data_prep.merge DIR")
-    from kood.errors import DataError
     from kood.fanout import merge_tasks
 
-    try:
+    with cli_errors():
         manifest = merge_tasks(argv[1], command=command_line())
-    except DataError as e:
-        raise SystemExit(f"error: {e}")
     report(manifest, argv[1])
 
 

@@ -15,6 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+from data_prep._common import cli_errors  # noqa: E402
+
 flags.DEFINE_string("real", None, "Real, labelled kood dataset dir to learn from.", required=True)
 flags.DEFINE_string("out", None, "Output dataset dir.", required=True)
 flags.DEFINE_integer("num_images", None, "Number of synthetic images (class-balanced).", required=True)
@@ -33,17 +35,12 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import json
 
-    from kood.errors import ConfigError, DataError
     from kood.synthesize import synthesize
-    from kood.writer import removed_if_left_empty
 
-    try:
-        with removed_if_left_empty(FLAGS.out):
-            manifest = synthesize(FLAGS.real, FLAGS.out, FLAGS.num_images, model=FLAGS.model,
-                                  epochs=FLAGS.epochs, seed=FLAGS.seed, split=FLAGS.split,
-                                  num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite)
-    except (ConfigError, DataError) as e:
-        raise SystemExit(f"error: {e}")
+    with cli_errors(FLAGS.out):
+        manifest = synthesize(FLAGS.real, FLAGS.out, FLAGS.num_images, model=FLAGS.model,
+                              epochs=FLAGS.epochs, seed=FLAGS.seed, split=FLAGS.split,
+                              num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite)
     print(f"wrote {manifest.count('train')} synthetic images to {FLAGS.out}")
     print("quality:", json.dumps(manifest.extra["quality"], indent=2))
 

@@ -8,7 +8,7 @@ r"""Convert a synthetic ID set (for SIO) to a kood dataset, pseudo-labelling it 
 from absl import app, flags
 
 from data_prep import _common
-from data_prep._common import FLAGS, conversion_kwargs, define_conversion_flags, report
+from data_prep._common import FLAGS, cli_errors, conversion_kwargs, define_conversion_flags, report
 
 define_conversion_flags("synthetic", ["synthetic"])
 flags.adopt_module_key_flags(_common)  # list the shared flags in --help
@@ -24,26 +24,21 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from kood.convert import convert, convert_and_pseudo_label
-    from kood.errors import ConfigError, DataError
-    from kood.writer import removed_if_left_empty
+    from kood.errors import ConfigError
 
-    try:
+    with cli_errors(FLAGS.out):
         if FLAGS.pseudo_label_model:
             kwargs = conversion_kwargs()
             kwargs.pop("kind")
             overwrite, command = kwargs.pop("overwrite"), kwargs.pop("command")
-            with removed_if_left_empty(FLAGS.out):
-                manifest = convert_and_pseudo_label(
-                    FLAGS.source, FLAGS.out, FLAGS.pseudo_label_model, min_confidence=FLAGS.min_confidence,
-                    batch_size=FLAGS.batch_size, overwrite=overwrite, command=command, **kwargs)
+            manifest = convert_and_pseudo_label(
+                FLAGS.source, FLAGS.out, FLAGS.pseudo_label_model, min_confidence=FLAGS.min_confidence,
+                batch_size=FLAGS.batch_size, overwrite=overwrite, command=command, **kwargs)
         else:
             if FLAGS["min_confidence"].present:
                 raise ConfigError("--min_confidence needs --pseudo_label_model. "
                                   f"Received: min_confidence={FLAGS.min_confidence}")
-            with removed_if_left_empty(FLAGS.out):
-                manifest = convert(FLAGS.source, FLAGS.out, **conversion_kwargs())
-    except (ConfigError, DataError) as e:
-        raise SystemExit(f"error: {e}")
+            manifest = convert(FLAGS.source, FLAGS.out, **conversion_kwargs())
     report(manifest, FLAGS.out)
 
 

@@ -103,25 +103,29 @@ def test_overwrite_is_required_to_replace(tmp_path):
     assert _convert(f"npz:{path}", tmp_path / "out", limit=3, overwrite=True).count("train") == 3
 
 
-def test_interrupted_cli_leaves_no_manifest_and_rerun_completes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_cli_leaves_no_manifest_and_rerun_completes(tmp_path, sig):
     path, _ = dh.make_npy(tmp_path / "r.npy", n=30000, shape=(16, 16, 3))
     out = tmp_path / "out"
     # png: slow enough per shard (~2 s) that the kill reliably lands mid-conversion
     args = ["data_prep.outliers", f"--source=npy:{path}", f"--out={out}", "--num_shards=6", "--encoding=png"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 90
         # kill once the first shard is complete and the second is being written
         while time.time() < deadline and not (out / ".train-00001-of-00006.tfrecord.tmp").exists():
             assert proc.poll() is None, "conversion finished before it could be interrupted"
             time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        proc.send_signal(sig)
+        stderr = proc.communicate(timeout=60)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
+    if sig == signal.SIGINT:  # Ctrl-C: one line, no traceback
+        assert proc.returncode == 1, stderr[-2000:]
+        assert "interrupted (Ctrl-C)" in stderr and "Traceback" not in stderr, stderr[-2000:]
     assert (out / "train-00000-of-00006.tfrecord").exists()
     assert not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="no manifest.json"):
