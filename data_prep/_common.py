@@ -104,7 +104,9 @@ def cli_errors(out: str | None = None) -> Iterator[None]:
     except (ConfigError, DataError) as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
-        raise SystemExit("interrupted (Ctrl-C): nothing was marked complete; rerun the same command") from None
+        newline = "\n" if sys.stderr.isatty() else ""  # leave the progress line a terminal shows
+        print(f"{newline}interrupted (Ctrl-C): nothing was marked complete; rerun the same command", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def convert_main(argv) -> None:

@@ -48,7 +48,7 @@ import tensorflow as tf  # noqa: E402
 
 from kood import data, run  # noqa: E402
 from kood.detectors.energy import energy_score  # noqa: E402
-from kood.errors import ConfigError, DataError  # noqa: E402
+from kood.errors import ConfigError, DataError, check_output_dir  # noqa: E402
 from kood.evaluate import evaluate, parse_detectors, parse_ood  # noqa: E402
 from kood.manifest import json_text, read_json, read_manifest, write_text_atomic  # noqa: E402
 from kood.methods import METHODS, method_config  # noqa: E402
@@ -223,6 +223,7 @@ def validate(cfg: BenchConfig) -> None:
                               f"add ce to --methods. Received: methods={cfg.methods}")
     if not cfg.output:
         raise ConfigError("--output is required (the bench directory)")
+    check_output_dir(cfg.output)
     if cfg.resize not in data.RESIZE_MODES:
         raise ConfigError(f"--resize must be one of {data.RESIZE_MODES}. Received: resize={cfg.resize!r}")
     check_data(cfg)

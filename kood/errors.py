@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Iterable, Sequence
 
@@ -35,7 +36,7 @@ def run_cli(prog: str, argv: Sequence[str], work: Callable[[], object],
         print(f"{prog}: error: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        print(f"{chr(10) if sys.stderr.isatty() else ''}{prog}: interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         from kood.verify import explain_read_error, is_read_error
@@ -58,3 +59,9 @@ def naming(source: str, directory: str, error: Exception) -> str:
     if message.startswith(f"{directory}: "):
         message = message[len(directory) + 2:]
     return f"{source}{directory}: {message}"
+
+
+def check_output_dir(path: str, flag: str = "--output") -> None:
+    """A ConfigError before any work when an output directory path is an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag}={path} is a file, not a directory; pass a directory path")

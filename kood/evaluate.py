@@ -27,7 +27,7 @@ import numpy as np
 
 from kood.data import eval_dataset
 from kood.detectors import DETECTORS, collect_outputs, make_detector
-from kood.errors import ConfigError, DataError, naming
+from kood.errors import ConfigError, DataError, check_output_dir, naming
 from kood.manifest import json_text, write_text_atomic
 from kood.metrics import CONVENTION_NOTE, CONVENTIONS, METRICS, accuracy, metrics_table
 
@@ -348,6 +348,7 @@ def run_from_flags(flags_values) -> dict:
     for name in ("model_dir", "id_data", "ood", "output"):
         if not getattr(flags_values, name):
             raise ConfigError(f"--{name} is required")
+    check_output_dir(flags_values.output)  # before any scoring, not after
     resize = flags_values.resize
     if flags_values.center_crop:
         if resize not in ("error", "center_crop"):

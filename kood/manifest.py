@@ -90,7 +90,8 @@ class Manifest:
 def read_manifest(directory: str) -> Manifest:
     """Reads and validates `directory/manifest.json`; DataError names what is wrong."""
     if not os.path.isdir(directory):
-        raise DataError(f"{directory}: dataset directory does not exist")
+        what = "is a file, not a dataset directory" if os.path.exists(directory) else "dataset directory does not exist"
+        raise DataError(f"{directory}: {what}")
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
         if os.path.isdir(os.path.join(directory, TASKS)):

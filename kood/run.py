@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from kood import checkpoint, data, distribute, losses, metrics
-from kood.errors import ConfigError, DataError, naming
+from kood.errors import ConfigError, DataError, check_output_dir, naming
 from kood.manifest import json_text, read_json, read_manifest, write_text_atomic
 from kood.methods import MethodConfig, method_config
 from kood.models import ARCHITECTURES, PRECISIONS, build_classifier, load_classifier
@@ -136,8 +136,7 @@ def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
     Settings are locked once the run has a checkpoint: a run that stopped before its first
     checkpoint (a bad flag, a NaN in epoch 1) can be rerun with corrected settings.
     """
-    if os.path.exists(cfg.model_dir) and not os.path.isdir(cfg.model_dir):
-        raise DataError(f"--model_dir={cfg.model_dir} is a file, not a directory; pass a directory for the run")
+    check_output_dir(cfg.model_dir, "--model_dir")
     if write:
         os.makedirs(cfg.model_dir, exist_ok=True)
     path = os.path.join(cfg.model_dir, "config.json")
@@ -185,17 +184,18 @@ def _describe(cfg: RunConfig, mcfg: MethodConfig, manifest, steps: int, aux_batc
         aux = f" + {2 * cfg.batch_size} auxiliary chosen from {aux_batch} candidates"
     sio = f" ({1 - cfg.sio_ratio:.0%} synthetic from {cfg.syn_data})" if cfg.sio_ratio < 1 else ""
     start = f"from epoch {epoch + 1} " if epoch else ""
+    init = f", starting from {cfg.init_checkpoint}" if cfg.init_checkpoint else ""
     return (f"method {cfg.method}: {settings}\n"
             f"{cfg.arch} ({cfg.precision}) on {manifest.count('train')} {cfg.id_data} train images: "
             f"{steps} steps/epoch x {cfg.epochs} epochs {start}of {cfg.batch_size} ID images{sio}{aux}, "
-            f"{cfg.optimizer} lr {cfg.lr} ({cfg.schedule}); run dir {cfg.model_dir}")
+            f"{cfg.optimizer} lr {cfg.lr} ({cfg.schedule}){init}; run dir {cfg.model_dir}")
 
 
 def _val_split(cfg: RunConfig, manifest) -> str | None:
     if cfg.val_split == "none":
         return None
     if cfg.val_split != "auto":
-        manifest.split(cfg.val_split, cfg.id_data)  # DataError naming the missing split
+        manifest.split(cfg.val_split, f"--val_split: --id_data={cfg.id_data}")  # DataError naming the splits
         return cfg.val_split
     for name in ("val", "validation", "test"):
         if name in manifest.splits:
@@ -266,15 +266,28 @@ def _selects_best(cfg: RunConfig, manifest) -> bool:
     return split is not None and not (cfg.val_split == "auto" and split == _eval_split(cfg, manifest))
 
 
+def _selection_note(cfg: RunConfig, manifest) -> str:
+    """How best.keras is picked, said before training (it decides which epoch the results are)."""
+    split, reported = _val_split(cfg, manifest), _eval_split(cfg, manifest)
+    if _selects_best(cfg, manifest):
+        caveat = ("; the final metrics are on that same split, so they are optimistic" if split == reported else
+                  f"; the final metrics are on the {reported} split")
+        return f"note: best.keras is the epoch with the best {split} accuracy{caveat}"
+    if split is None:
+        return "note: best.keras is the last epoch (no val split, --val_split=none, or no held-out split at all)"
+    return (f"note: best.keras is the last epoch: the {split} split is the one the final evaluation reports on, "
+            f"so it is only monitored (pass --val_split={split} to pick with it anyway)")
+
+
 def _eval_split(cfg: RunConfig, manifest) -> str | None:
     """The ID split the final OOD evaluation uses."""
     return "test" if "test" in manifest.splits else _val_split(cfg, manifest)
 
 
 def final_evaluation(model: keras.Model, cfg: RunConfig, mcfg: MethodConfig, manifest) -> dict:
-    """Energy-score OOD metrics on each `cfg.ood_data` set vs the ID test split."""
+    """ID accuracy on the held-out split (test, else val) and energy-score OOD metrics of each `cfg.ood_data` set."""
     split = _eval_split(cfg, manifest)
-    if split is None or not cfg.ood_data:
+    if split is None:
         return {}
     s_id, correct = _scores(model, cfg.id_data, split, mcfg.temperature)
     results = {"id_split": split, "id_accuracy": float(correct.mean()), "score": "energy",
@@ -288,14 +301,27 @@ def final_evaluation(model: keras.Model, cfg: RunConfig, mcfg: MethodConfig, man
 
 
 def format_results(results: dict) -> str:
-    if not results.get("ood"):
-        return "(no OOD evaluation: pass --ood_data=name=DIR)"
-    lines = [f"ID accuracy ({results['id_split']} split): {results['id_accuracy']:.4f}",
-             f"OOD score: {results['score']}; FPR95 convention: {results['fpr_convention']}",
+    if "id_accuracy" not in results:
+        return "(no held-out ID split: no final evaluation)"
+    lines = [f"ID accuracy ({results['id_split']} split): {results['id_accuracy']:.4f}"]
+    if not results["ood"]:
+        return "\n".join(lines + ["(no OOD evaluation: pass --ood_data=name=DIR)"])
+    lines += [f"OOD score: {results['score']}; FPR95 convention: {results['fpr_convention']}",
              "| OOD set | FPR95 | AUROC | AUPR-In | AUPR-Out |", "|---|---|---|---|---|"]
     for name, m in results["ood"].items():
         lines.append(f"| {name} | {m['fpr95']:.4f} | {m['auroc']:.4f} | {m['aupr_in']:.4f} | {m['aupr_out']:.4f} |")
     return "\n".join(lines)
+
+
+def _diverged(model: keras.Model, record: dict) -> str | None:
+    """What the per-step loss guard can miss: non-finite weights (BatchNorm statistics included) or a
+    non-finite validation loss. Checked before an epoch is saved, so a checkpoint is always finite."""
+    bad = [w.path for w in model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
+    if bad:
+        return f"non-finite weights after the epoch ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+    if not np.isfinite(record.get("val_ce", 0.0)):
+        return "non-finite validation cross-entropy after the epoch"
+    return None
 
 
 def _best_epoch(history: list[dict]) -> int:
@@ -327,6 +353,7 @@ def run_training(cfg: RunConfig) -> dict:
                         f"training data must be of kind 'real' (or 'synthetic')")
     if manifest.num_classes < 2:
         raise DataError(f"--id_data={cfg.id_data} has {manifest.num_classes} classes; a classifier needs >= 2")
+    manifest.split("train", f"--id_data={cfg.id_data}")  # DataError naming the splits it has
     inputs = {"id_data": (cfg.id_data, manifest)}
     if cfg.aux_data and not mcfg.uses_aux and cfg.verbose:
         print(f"note: --method={cfg.method} trains without auxiliary outliers: --aux_data={cfg.aux_data} is not used",
@@ -346,12 +373,11 @@ def run_training(cfg: RunConfig) -> dict:
                             f"{manifest.shape}; convert it to the same size (data_prep --image_size, --channels) or "
                             f"evaluate it later with kood.evaluate --resize")
     if cfg.ood_data and _eval_split(cfg, manifest) is None:
-        raise DataError(f"--ood_data is compared with the ID test split, but --id_data={cfg.id_data} has only the "
-                        f"splits {sorted(manifest.splits)}; add a test split (README, Workflow 1) or drop --ood_data")
-    if cfg.verbose and not _selects_best(cfg, manifest):
-        monitored = _val_split(cfg, manifest)
-        print(f"note: best.keras is the last epoch: --id_data={cfg.id_data} has no val split to pick it with"
-              f"{f' (its {monitored} split is only monitored)' if monitored else ''}", file=sys.stderr)
+        raise DataError(f"--ood_data is compared with a held-out ID split (test, else val), but --id_data="
+                        f"{cfg.id_data} has only the splits {sorted(manifest.splits)}; add a test split (README, "
+                        f"Workflow 1) or drop --ood_data")
+    if cfg.verbose:
+        print(_selection_note(cfg, manifest), file=sys.stderr)
     real_per_batch = int(cfg.batch_size * cfg.sio_ratio)
     if real_per_batch < 1:
         raise ConfigError(f"--batch_size={cfg.batch_size} x --sio_ratio={cfg.sio_ratio} leaves no real image per batch")
@@ -370,6 +396,7 @@ def run_training(cfg: RunConfig) -> dict:
     out_dir = cfg.model_dir if role.is_chief else tempfile.mkdtemp(prefix=f"kood-worker{role.task_id}-")
     try:
         results = _train_and_evaluate(cfg, mcfg, manifest, strategy, out_dir, role.num_workers)
+        results["chief"] = role.is_chief  # only the chief's results are the run's (docs/distributed.md)
     finally:
         if not role.is_chief:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -422,16 +449,17 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
                         initial_epoch=epoch, steps_per_epoch=steps, callbacks=[guard, logger, RunProgbar(cfg.epochs)],
                         shuffle=False,  # the pipeline shuffles (seeded per epoch); Keras can't shuffle a Dataset
                         verbose=verbose)
-            if guard.failure:
+            record = {"epoch": epoch + 1, "seconds": round(time.time() - start, 2)}
+            if val_split and not guard.failure:
+                record.update(_validate(classifier, cfg.id_data, val_split))
+            failure = guard.failure or _diverged(classifier, record)
+            if failure:
                 advice = (f"The last good checkpoint (epoch {state['epoch']}) is kept in {ckpt_dir}; its settings "
                           f"are locked, so lower --lr or the loss weights in a new --model_dir (--init_checkpoint="
                           f"{os.path.join(cfg.model_dir, 'best.keras')} starts from it)" if state["epoch"] else
                           "No checkpoint was written yet; lower --lr or the loss weights and rerun (the same "
                           "--model_dir is fine)")
-                raise FloatingPointError(f"Training stopped in epoch {epoch + 1}: {guard.failure}. {advice}.")
-            record = {"epoch": epoch + 1, "seconds": round(time.time() - start, 2)}
-            if val_split:
-                record.update(_validate(classifier, cfg.id_data, val_split))
+                raise FloatingPointError(f"Training stopped in epoch {epoch + 1}: {failure}. {advice}.")
             _save_atomic(classifier, os.path.join(out_dir, "last.keras"))
             selects = _selects_best(cfg, manifest)
             improved = not selects or state["best"] is None or record["val_accuracy"] > state["best"]

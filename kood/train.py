@@ -222,9 +222,14 @@ def main(argv):
         error = explain_read_error(e, [cfg.id_data, cfg.aux_data, cfg.syn_data, *cfg.ood_data.values()])
         print(f"kood.train: error: {error}", file=sys.stderr)
         return 2
+    if not results["chief"]:  # its numbers come from its own BatchNorm statistics: not the run's
+        print(f"Worker done; the run's model and results are the chief's: {cfg.model_dir}/best.keras, "
+              f"{cfg.model_dir}/results.json")
+        return 0
     print(format_results(results))
+    own = "; the metrics above are its own" if "id_accuracy" in results else ""
     print(f"Model: {os.path.join(cfg.model_dir, 'best.keras')} (epoch {results['checkpoint_epoch']} of "
-          f"{results['epochs']}; the metrics above are its own)")
+          f"{results['epochs']}{own})")
     print(f"TensorBoard: {results['tensorboard']}")
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import sys
 from typing import Iterable
 
@@ -158,9 +159,11 @@ def explain_read_error(error: BaseException, directories: Iterable[str | None]) 
         except tf.errors.DataLossError as e:
             raise explain_read_error(e, [id_dir, ood_dir]) from e
     """
-    lines = [line.strip() for line in str(getattr(error, "message", error)).splitlines() if line.strip()] or ["?"]
-    # Keras wraps TF's own message ("corrupted record at 499156") after a "Graph execution error:" line.
-    tf_message = next((line for line in lines if "record" in line or "expected to contain" in line), lines[0])
+    text = str(getattr(error, "message", error))
+    # TF's own words ("corrupted record at 499156") sit inside graph/op decorations: keep just them.
+    found = re.search(r"(corrupted|truncated) record at \d+|expected to contain \d+ elements but contained only "
+                      r"\d+ elements|[^.\n]*less bytes than requested", text)
+    tf_message = found.group(0).strip() if found else (text.strip().splitlines() or ["?"])[0]
     directories = list(dict.fromkeys(d for d in directories if d))
     for directory in directories:
         print(f"reading the data failed ({tf_message}); checking {directory} ...", file=sys.stderr)

@@ -335,6 +335,13 @@ def test_data_sets_are_checked_against_the_id_set_before_any_work(sets, tmp_path
     assert not os.path.exists(out)
 
 
+def test_output_that_is_a_file_stops_before_any_work(sets, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match="--output=.*a_file is a file, not a directory"):
+        bench.run_bench(_cfg(sets, str(a_file), init_checkpoint=None))
+
+
 def test_cli_speed_passes_pipeline_batches_and_resize(sets, tmp_path):
     out = tmp_path / "speed"
     proc = subprocess.run([sys.executable, "-m", "kood.bench", f"--id_data={sets['id']}", f"--aux_data={sets['aux']}",

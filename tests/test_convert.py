@@ -124,7 +124,7 @@ def test_interrupted_cli_leaves_no_manifest_and_rerun_completes(tmp_path, sig):
         if proc.poll() is None:
             proc.kill()
     if sig == signal.SIGINT:  # Ctrl-C: one line, no traceback
-        assert proc.returncode == 1, stderr[-2000:]
+        assert proc.returncode == 130, stderr[-2000:]
         assert "interrupted (Ctrl-C)" in stderr and "Traceback" not in stderr, stderr[-2000:]
     assert (out / "train-00000-of-00006.tfrecord").exists()
     assert not (out / "manifest.json").exists()

@@ -257,10 +257,9 @@ def test_two_workers_train_greg_and_only_the_chief_writes(tmp_path):
     assert state["epoch"] == 2 and state["finished"] and len(state["history"]) == 2
     assert sorted(os.listdir(os.path.join(model_dir, "ckpt"))) == ["epoch-00001", "epoch-00002", "latest"]
     # The recorded validation accuracy is that of the saved model on the whole test split.
-    import keras
-
     from kood import data
-    model = keras.models.load_model(os.path.join(model_dir, "last.keras"))
+    from kood.models import load_classifier
+    model = load_classifier(os.path.join(model_dir, "last.keras"))
     pairs = [(np.argmax(model(x, training=False), -1), y.numpy()) for x, y in data.eval_dataset(dirs["id"], "test")]
     accuracy = np.mean(np.concatenate([p == y for p, y in pairs]))
     assert state["history"][-1]["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
@@ -272,6 +271,10 @@ def test_two_workers_train_greg_and_only_the_chief_writes(tmp_path):
     lines = [[l for l in _log(str(tmp_path), "run", i).splitlines() if l.startswith("3/3")] for i in range(2)]
     assert len(lines[0]) == 2 and [l.split(" - ", 3)[-1] for l in lines[0]] == [l.split(" - ", 3)[-1]
                                                                                  for l in lines[1]]
+    # Only the chief reports results; the other worker points at them (its BatchNorm statistics are its own).
+    assert "Model: " in _log(str(tmp_path), "run", 0)
+    worker = _log(str(tmp_path), "run", 1)
+    assert "Worker done; the run's model and results are the chief's" in worker and "Model: " not in worker
 
 
 @pytest.mark.slow

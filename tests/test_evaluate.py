@@ -207,3 +207,12 @@ def test_reports_are_strict_json_and_a_rerun_replaces_the_tensorboard_events(set
                                              keep_scores=True), out)
     assert len(os.listdir(os.path.join(out, "tensorboard"))) == 1
     assert os.listdir(os.path.join(out, "tensorboard")) != events
+
+
+def test_output_that_is_a_file_stops_before_any_scoring(sets, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    values = _flag_values(model_dir=sets["model"], id_data=sets["id"], ood=f"noise={sets['noise']}",
+                          output=str(a_file), detectors="no_such_detector")  # would fail later, if reached
+    with pytest.raises(ConfigError, match="--output=.*a_file is a file, not a directory"):
+        evaluate.run_from_flags(values)

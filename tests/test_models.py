@@ -228,3 +228,12 @@ def test_precision_errors_restore_the_global_policy():
     with pytest.raises(ConfigError, match="stem"):
         build_classifier("resnet18", num_classes=2, precision="mixed_bfloat16", stem="tiny", **RGB)
     assert keras.config.dtype_policy().name == "float32"
+
+
+def test_load_classifier_refuses_non_finite_weights(tmp_path):
+    model = build_classifier("small_cnn", input_shape=(8, 8, 1), num_classes=3, mean=[0.0], std=[1.0], width=4)
+    bn = next(w for w in model.weights if "moving_variance" in w.path)
+    bn.assign(np.full(bn.shape, np.nan, np.float32))  # what a diverged run leaves in BatchNorm statistics
+    model.save(str(tmp_path / "nan.keras"))
+    with pytest.raises(DataError, match=r"nan.keras has non-finite weights \(.*moving_variance"):
+        load_classifier(str(tmp_path / "nan.keras"))

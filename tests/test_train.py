@@ -254,7 +254,7 @@ def test_data_problems_stop_before_any_work(digit_sets, tmp_path):
     assert not os.path.exists(cfg.model_dir)
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    with pytest.raises(DataError, match="is a file, not a directory"):
+    with pytest.raises(ConfigError, match="--model_dir=.*a_file is a file, not a directory"):
         run_lib.run_training(_config(digit_sets, str(a_file), method="energy"))
 
 
@@ -306,9 +306,11 @@ def test_init_checkpoint_loads_every_weight(digit_sets, tmp_path):
     path = str(tmp_path / "ce.keras")
     source.save(path)
     cfg = _config(digit_sets, str(tmp_path / "run"), init_checkpoint=path)
-    model = run_lib._build_classifier(cfg, run_lib.read_manifest(cfg.id_data))
+    manifest = run_lib.read_manifest(cfg.id_data)
+    model = run_lib._build_classifier(cfg, manifest)
     for a, b in zip(model.get_weights(), source.get_weights()):
         np.testing.assert_array_equal(a, b)
+    assert f"starting from {path}; run dir" in run_lib._describe(cfg, run_lib.validate(cfg), manifest, 3, 16, 0)
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(digit_sets, tmp_path, monkeypatch):
@@ -482,3 +484,22 @@ def test_a_partial_demo_cache_is_rebuilt(tmp_path):
         flags.FLAGS.unparse_flags()
     assert cfg.ood_data == {"demo_ood": os.path.join(root, "ood")}
     assert os.path.exists(os.path.join(root, "ood", "manifest.json"))
+
+
+def test_a_diverged_epoch_is_never_checkpointed(digit_sets, tmp_path, monkeypatch):
+    validate = run_lib._validate
+    calls = iter(range(10))
+
+    def nan_in_epoch_2(model, directory, split):
+        record = validate(model, directory, split)
+        return {**record, "val_ce": float("nan")} if next(calls) == 1 else record
+
+    monkeypatch.setattr(run_lib, "_validate", nan_in_epoch_2)
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=3)
+    with pytest.raises(FloatingPointError, match="epoch 2: non-finite validation cross-entropy.*epoch 1"):
+        run_lib.run_training(cfg)
+    assert open(os.path.join(cfg.model_dir, "ckpt", "latest")).read().strip() == "epoch-00001"
+    assert run_lib._diverged(_classifier(), {}) is None
+    poisoned = _classifier()
+    poisoned.weights[0].assign(np.full(poisoned.weights[0].shape, np.inf, np.float32))
+    assert "non-finite weights" in run_lib._diverged(poisoned, {})

@@ -189,4 +189,8 @@ def load_classifier(path: str) -> keras.Model:
         _check_classifier(model, file)
     except ConfigError as e:
         raise DataError(str(e)) from e
+    bad = [w.path for w in model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
+    if bad:  # a diverged run's weights would score every image alike (NaN)
+        raise DataError(f"The classifier in {file} has non-finite weights ({', '.join(bad[:3])}"
+                        f"{', ...' if len(bad) > 3 else ''}): it comes from a diverged run")
     return model
