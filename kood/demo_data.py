@@ -88,13 +88,14 @@ def build_demo(out: str, *, seed: int = 0, overwrite: bool = False, image_size: 
         dirs = build_demo("/tmp/kood_demo", seed=0)
     """
     from kood.synthesize import synthesize
-    from kood.writer import check_directory_path, write_arrays
+    from kood.errors import check_output_dir
+    from kood.writer import write_arrays
 
     if image_size < 8:
         raise ConfigError(f"image_size must be >= 8. Received: image_size={image_size}")
     if num_synthetic < 1:
         raise ConfigError(f"num_synthetic must be >= 1. Received: num_synthetic={num_synthetic}")
-    check_directory_path(out)
+    check_output_dir(out, "--out")
     dirs = {role: os.path.join(out, role) for role in ROLES}
     for role, d in dirs.items():
         if os.path.exists(d):

@@ -62,6 +62,10 @@ def naming(source: str, directory: str, error: Exception) -> str:
 
 
 def check_output_dir(path: str, flag: str = "--output") -> None:
-    """A ConfigError before any work when an output directory path is an existing file."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"{flag}={path} is a file, not a directory; pass a directory path")
+    """A DataError before any work if output directory `path`, or the closest of its parents that exists, is a file."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "" if existing == os.path.abspath(path) else f": {existing}"
+        raise DataError(f"{flag}={path}{where} is a file, not a directory; pass a directory path")

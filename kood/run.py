@@ -24,7 +24,7 @@ from kood import checkpoint, data, distribute, losses, metrics
 from kood.errors import ConfigError, DataError, check_output_dir, naming
 from kood.manifest import json_text, read_json, read_manifest, write_text_atomic
 from kood.methods import MethodConfig, method_config
-from kood.models import ARCHITECTURES, PRECISIONS, build_classifier, load_classifier
+from kood.models import ARCHITECTURES, PRECISIONS, build_classifier, load_classifier, non_finite_weights
 from kood.summaries import NanGuard, RunProgbar, TensorBoardLogger
 from kood.trainer import OODTrainer
 
@@ -316,7 +316,7 @@ def format_results(results: dict) -> str:
 def _diverged(model: keras.Model, record: dict) -> str | None:
     """What the per-step loss guard can miss: non-finite weights (BatchNorm statistics included) or a
     non-finite validation loss. Checked before an epoch is saved, so a checkpoint is always finite."""
-    bad = [w.path for w in model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
+    bad = non_finite_weights(model)
     if bad:
         return f"non-finite weights after the epoch ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
     if not np.isfinite(record.get("val_ce", 0.0)):
@@ -427,7 +427,7 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
             print(f"Resuming {cfg.model_dir} from {latest} (epoch {state['epoch']}/{cfg.epochs})", file=sys.stderr)
 
     ckpt_dir = os.path.join(out_dir, "ckpt")
-    val_split = _val_split(cfg, manifest)
+    val_split, selects = _val_split(cfg, manifest), _selects_best(cfg, manifest)
     if state["epoch"] < cfg.epochs:
         probe_id = next(iter(data.eval_dataset(cfg.id_data, val_split or "train", batch_size=cfg.batch_size)))[0]
         probe_aux = None
@@ -461,7 +461,6 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
                           "--model_dir is fine)")
                 raise FloatingPointError(f"Training stopped in epoch {epoch + 1}: {failure}. {advice}.")
             _save_atomic(classifier, os.path.join(out_dir, "last.keras"))
-            selects = _selects_best(cfg, manifest)
             improved = not selects or state["best"] is None or record["val_accuracy"] > state["best"]
             if improved:
                 state["best"] = record["val_accuracy"] if selects else None

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from kood.errors import DataError
+from kood.errors import DataError, check_output_dir
 from kood.manifest import KINDS, MANIFEST, Manifest, shard_name, write_manifest
 from kood.progress import Progress
 from kood.records import ENCODINGS, encode_example
@@ -90,20 +90,9 @@ def class_names_for(class_names: list[str] | None, num_classes: int) -> list[str
     return list(class_names) if class_names else [str(i) for i in range(num_classes)]
 
 
-def check_directory_path(directory: str) -> None:
-    """Raises DataError if `directory`, or the closest of its parents that exists, is a file."""
-    existing = os.path.abspath(directory)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        if existing == os.path.abspath(directory):
-            raise DataError(f"--out={directory} is a file, not a directory; pass a directory path")
-        raise DataError(f"--out={directory}: {existing} is a file, not a directory; pass a directory path")
-
-
 def check_out_dir(directory: str, overwrite: bool) -> None:
     """Raises DataError if `directory` cannot be claimed (see `claim_directory`), before any slow work."""
-    check_directory_path(directory)
+    check_output_dir(directory, "--out")
     if not overwrite and os.path.exists(os.path.join(directory, MANIFEST)):
         raise DataError(f"{directory}: already holds a complete dataset; pass --overwrite to replace it")
 

@@ -338,7 +338,7 @@ def test_data_sets_are_checked_against_the_id_set_before_any_work(sets, tmp_path
 def test_output_that_is_a_file_stops_before_any_work(sets, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    with pytest.raises(ConfigError, match="--output=.*a_file is a file, not a directory"):
+    with pytest.raises(DataError, match="--output=.*a_file is a file, not a directory"):
         bench.run_bench(_cfg(sets, str(a_file), init_checkpoint=None))
 
 

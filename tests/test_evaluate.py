@@ -214,5 +214,5 @@ def test_output_that_is_a_file_stops_before_any_scoring(sets, tmp_path):
     a_file.write_text("x")
     values = _flag_values(model_dir=sets["model"], id_data=sets["id"], ood=f"noise={sets['noise']}",
                           output=str(a_file), detectors="no_such_detector")  # would fail later, if reached
-    with pytest.raises(ConfigError, match="--output=.*a_file is a file, not a directory"):
+    with pytest.raises(DataError, match="--output=.*a_file is a file, not a directory"):
         evaluate.run_from_flags(values)

@@ -254,7 +254,7 @@ def test_data_problems_stop_before_any_work(digit_sets, tmp_path):
     assert not os.path.exists(cfg.model_dir)
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    with pytest.raises(ConfigError, match="--model_dir=.*a_file is a file, not a directory"):
+    with pytest.raises(DataError, match="--model_dir=.*a_file is a file, not a directory"):
         run_lib.run_training(_config(digit_sets, str(a_file), method="energy"))
 
 

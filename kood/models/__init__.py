@@ -152,6 +152,11 @@ def normalized_model(model: keras.Model) -> keras.Model:
                         "features": model.get_layer("features").output}, name=f"{model.name}_normalized")
 
 
+def non_finite_weights(model: keras.Model) -> list[str]:
+    """Paths of the weights (BatchNorm statistics included) holding a NaN or an infinity."""
+    return [w.path for w in model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
+
+
 def load_classifier(path: str) -> keras.Model:
     """Loads a classifier from a `.keras` file or a model dir (its `best.keras`), strictly.
 
@@ -189,7 +194,7 @@ def load_classifier(path: str) -> keras.Model:
         _check_classifier(model, file)
     except ConfigError as e:
         raise DataError(str(e)) from e
-    bad = [w.path for w in model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
+    bad = non_finite_weights(model)
     if bad:  # a diverged run's weights would score every image alike (NaN)
         raise DataError(f"The classifier in {file} has non-finite weights ({', '.join(bad[:3])}"
                         f"{', ...' if len(bad) > 3 else ''}): it comes from a diverged run")
