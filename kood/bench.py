@@ -50,7 +50,7 @@ from kood import data, run  # noqa: E402
 from kood.detectors.energy import energy_score  # noqa: E402
 from kood.errors import ConfigError, DataError, check_output_dir  # noqa: E402
 from kood.evaluate import evaluate, parse_detectors, parse_ood  # noqa: E402
-from kood.manifest import json_text, read_json, read_manifest, write_text_atomic  # noqa: E402
+from kood.manifest import json_text, read_json, read_manifest, read_manifest_of, write_text_atomic  # noqa: E402
 from kood.methods import METHODS, method_config  # noqa: E402
 from kood.models import PRECISIONS, build_classifier, load_classifier  # noqa: E402
 from kood.progress import Progress  # noqa: E402
@@ -236,13 +236,6 @@ def validate(cfg: BenchConfig) -> None:
     run.validate(pretrain_config(cfg, 0, cfg.pretrain_epochs))
 
 
-def _manifest(flag: str, directory: str):
-    try:
-        return read_manifest(directory)
-    except DataError as e:
-        raise DataError(f"{flag}: {e}") from e
-
-
 def check_data(cfg: BenchConfig) -> None:
     """Checks every data set's manifest against the ID set before any training.
 
@@ -253,7 +246,7 @@ def check_data(cfg: BenchConfig) -> None:
     Raises:
         DataError naming the flag and directory.
     """
-    id_m = _manifest("--id_data", cfg.id_data)
+    id_m = read_manifest_of("--id_data=", cfg.id_data)
     if id_m.kind not in ("real", "synthetic") or id_m.num_classes < 2:
         raise DataError(f"--id_data={cfg.id_data}: the ID set must be a labelled 'real' (or 'synthetic') set with "
                         ">= 2 classes. "
@@ -261,14 +254,14 @@ def check_data(cfg: BenchConfig) -> None:
     for split in ("train", "test"):
         id_m.split(split, f"--id_data={cfg.id_data}")
     for flag, directory in (("--aux_data", cfg.aux_data), ("--syn_data", cfg.syn_data)):
-        shape = _manifest(flag, directory).shape if directory else id_m.shape
+        shape = read_manifest_of(f"{flag}=", directory).shape if directory else id_m.shape
         if shape != id_m.shape:
             raise DataError(f"{flag}={directory} holds {list(shape)} images, --id_data="
                             f"{cfg.id_data} holds {list(id_m.shape)}: convert the set to the ID size (data_prep "
                             "--image_size=... --resize=..., see the README's Workflow 1)")
     for name, directory in cfg.ood.items():
         flag = f"--ood set {name!r}"
-        shape = _manifest(flag, directory).shape
+        shape = read_manifest_of(f"{flag}: ", directory).shape
         if shape != id_m.shape and cfg.resize == "error":
             raise DataError(f"{flag}: {directory} holds {list(shape)} images, --id_data={cfg.id_data} holds "
                             f"{list(id_m.shape)}: pass --resize=resize or --resize=center_crop to convert it, or "

@@ -9,7 +9,7 @@ import os
 import uuid
 from typing import Any
 
-from kood.errors import DataError
+from kood.errors import DataError, naming
 from kood.records import ENCODINGS
 
 FORMAT = "kood-tfrecord/1"
@@ -125,6 +125,18 @@ def read_json(path: str, what: str):
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: unreadable {what}: {e}") from e
+
+
+def read_manifest_of(source: str, directory: str) -> Manifest:
+    """`read_manifest` whose errors start with the flag or role that named `directory`.
+
+    Example:
+        read_manifest_of("--aux_data=", "data/x")   # DataError: --aux_data=data/x: dataset directory does not exist
+    """
+    try:
+        return read_manifest(directory)
+    except DataError as e:
+        raise DataError(naming(source, directory, e)) from e
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -21,8 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from kood import checkpoint, data, distribute, losses, metrics
-from kood.errors import ConfigError, DataError, check_output_dir, naming
-from kood.manifest import json_text, read_json, read_manifest, write_text_atomic
+from kood.errors import ConfigError, DataError, check_output_dir
+from kood.manifest import json_text, read_json, read_manifest, read_manifest_of, write_text_atomic
 from kood.methods import MethodConfig, method_config
 from kood.models import ARCHITECTURES, PRECISIONS, build_classifier, load_classifier, non_finite_weights
 from kood.summaries import NanGuard, RunProgbar, TensorBoardLogger
@@ -251,14 +251,6 @@ def _scores(model: keras.Model, directory: str, split: str, temperature: float, 
     return np.concatenate(energies), np.concatenate(correct)
 
 
-def _read_manifest(flag: str, directory: str):
-    """The manifest of a dataset flag's directory; its errors name the flag."""
-    try:
-        return read_manifest(directory)
-    except DataError as e:
-        raise DataError(naming(f"--{flag}=", directory, e)) from e
-
-
 def _selects_best(cfg: RunConfig, manifest) -> bool:
     """Whether a validation split picks best.keras. `auto` never picks it with the split the final
     evaluation reports on (that would select on the test set): it only monitors that split."""
@@ -347,7 +339,7 @@ def run_training(cfg: RunConfig) -> dict:
     several machines `model_dir` must be shared storage).
     """
     mcfg = validate(cfg)
-    manifest = _read_manifest("id_data", cfg.id_data)
+    manifest = read_manifest_of("--id_data=", cfg.id_data)
     if manifest.kind not in ("real", "synthetic"):
         raise DataError(f"--id_data={cfg.id_data} holds a set of kind {manifest.kind!r} (its manifest.json); ID "
                         f"training data must be of kind 'real' (or 'synthetic')")
@@ -362,12 +354,12 @@ def run_training(cfg: RunConfig) -> dict:
         raise ConfigError(f"--aux_data is the ID set itself ({cfg.aux_data}): auxiliary outliers must be other images")
     for flag, directory in (("aux_data", cfg.aux_data if mcfg.uses_aux else None), ("syn_data", cfg.syn_data)):
         if directory:
-            other = inputs[flag] = (directory, _read_manifest(flag, directory))
+            other = inputs[flag] = (directory, read_manifest_of(f"--{flag}=", directory))
             if other[1].shape != manifest.shape:
                 raise DataError(f"--{flag}={directory} holds {other[1].shape} images, --id_data={cfg.id_data} holds "
                                 f"{manifest.shape}; convert them to the same size (data_prep --image_size)")
     for name, directory in cfg.ood_data.items():
-        ood_shape = _read_manifest(f"ood_data={name}", directory).shape
+        ood_shape = read_manifest_of(f"--ood_data={name}=", directory).shape
         if ood_shape != manifest.shape:
             raise DataError(f"--ood_data={name}={directory} holds {ood_shape} images, --id_data={cfg.id_data} holds "
                             f"{manifest.shape}; convert it to the same size (data_prep --image_size, --channels) or "
