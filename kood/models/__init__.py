@@ -3,9 +3,10 @@
 Every classifier is a functional Keras model
 `float32 pixels [B, H, W, C] -> normalize -> architecture -> features -> classifier (logits [B, K])`,
 built from stock Keras layers plus subclasses with fast exact second derivatives (GReg's double
-backprop) in `kood.models.layers`: `FusedBatchNorm` (a BatchNormalization on TF's fused kernels),
-`MaxPool` (small_cnn's pooling), `ReLU` and `GlobalAveragePool`. They are registered as "kood>..."
-serializables, so `keras.models.load_model` needs no custom objects once `kood.models` is imported.
+backprop) or faster kernels in `kood.models.layers`: `FusedBatchNorm` (a BatchNormalization on TF's
+fused kernels), `MaxPool` (small_cnn's pooling), `ReLU`, `GlobalAveragePool` and `Normalization` (the
+input normalization). They are registered as "kood>..." serializables, so `keras.models.load_model`
+needs no custom objects once `kood.models` is imported.
 Weight decay is the optimizer's job (`weight_decay=`): no kernel regularizers here.
 
 Example:
@@ -25,6 +26,7 @@ import numpy as np
 
 from kood.errors import ConfigError, DataError
 from kood.models.densenet import densenet121, densenet_bc
+from kood.models.layers import Normalization
 from kood.models.resnet import resnet18
 from kood.models.small_cnn import small_cnn
 from kood.models.wide_resnet import wide_resnet
@@ -89,7 +91,7 @@ def build_classifier(arch: str, *, input_shape: Sequence[int], num_classes: int,
     # Input normalization, features and logits stay float32 under a mixed policy: the GReg penalty is a
     # gradient w.r.t. the normalized input, and energies / detectors need float32 logits and features.
     inputs = keras.Input(shape=input_shape, dtype="float32", name="pixels")
-    x = keras.layers.Normalization(mean=mean, variance=std.astype(np.float64) ** 2, name="normalize",
+    x = Normalization(mean=mean, variance=std.astype(np.float64) ** 2, name="normalize",
                                    dtype="float32")(inputs)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)

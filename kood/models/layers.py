@@ -21,6 +21,8 @@ are normalized in float32 in training and by the half-precision kernel in infere
 `MaxPool`: Keras MaxPooling2D whose backward's derivative (TF: the `MaxPoolGradGrad` kernel) is one
 XLA-fused pass for non-overlapping windows.
 
+`Normalization`: Keras' input normalization over a flat axis (TF's broadcast over 3 channels is slow).
+
 `ReLU` and `GlobalAveragePool`: Keras' layers without the all-zero or discarded terms TF's registered
 second derivatives compute (a zeros tensor added per ReLU; a derivative w.r.t. the element count of
 a mean).
@@ -32,6 +34,7 @@ float16) without a weight copy (the GReg+ candidate pool, `--pool_dtype`).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import keras
 import tensorflow as tf
@@ -280,6 +283,37 @@ class GlobalAveragePool(keras.layers.GlobalAveragePooling2D):
         # float32 accumulation for half-precision activations, as Keras' mean does.
         total = tf.reduce_sum(tf.cast(inputs, tf.float32), axis=[1, 2])
         return tf.cast(total * (1.0 / (height * width)), inputs.dtype)
+
+
+@keras.saving.register_keras_serializable(package="kood")
+class Normalization(keras.layers.Normalization):
+    """`keras.layers.Normalization` with a fixed per-channel mean/variance, computed ~8x faster.
+
+    TF's broadcasting Sub and RealDiv over a last axis of 3 channels run element by element (about
+    1.7 ms per 128 CIFAR images on one core, the cost of a small_cnn convolution). Here the mean and
+    scale are broadcast to one image's size, so both ops run over a flat, vectorizable axis: the
+    same elementwise formula `(x - mean) / max(sqrt(variance), epsilon)`, bit-identical values.
+    Inputs with unknown image dimensions, `invert=True` or axes other than the last run Keras' code.
+
+    Example:
+        x = Normalization(mean=[125.3, 123.0, 113.9], variance=[63.0 ** 2, 62.1 ** 2, 66.7 ** 2])(inputs)
+    """
+
+    def call(self, inputs):
+        shape = inputs.shape
+        last_axis_only = tuple(self._keep_axis or ()) == (len(shape) - 1,)
+        if self.invert or not last_axis_only or len(shape) < 3 or any(d is None for d in shape[1:]):
+            return super().call(inputs)
+        inputs = tf.cast(inputs, self.compute_dtype)
+        image = [int(d) for d in shape[1:]]
+        size = math.prod(image)
+        mean = tf.cast(self.convert_weight(self.mean), inputs.dtype)
+        scale = tf.maximum(tf.sqrt(tf.cast(self.convert_weight(self.variance), inputs.dtype)),
+                           keras.backend.epsilon())
+        flat = tf.reshape(inputs, [-1, size])
+        out = (flat - tf.reshape(tf.broadcast_to(mean, [1, *image]), [size])) / tf.reshape(
+            tf.broadcast_to(scale, [1, *image]), [size])
+        return tf.reshape(out, tf.shape(inputs))
 
 
 @contextlib.contextmanager
