@@ -221,9 +221,16 @@ def _rows(results: dict) -> list[dict]:
 
 
 def markdown_table(results: dict) -> str:
-    """The results as a markdown table (percentages), headed by the FPR95 convention and ID accuracy."""
+    """The results as a markdown table (percentages), headed by the model, the data, the FPR95 convention and
+    ID accuracy."""
     acc = results["id_accuracy"]
-    lines = [f"Convention: {results['convention_note']}.",
+    settings = results["settings"]
+    lines = [f"Model: {settings['model_file']}" + (" (from a run that had not finished)"
+                                                   if settings.get("run_finished") is False else "")
+             ] if settings.get("model_file") else []
+    lines += [f"ID data: {settings['id_data']} (split {settings['id_split']}); OOD: "
+              + ", ".join(f"{name}={path}" for name, path in settings["ood"].items()),
+              f"Convention: {results['convention_note']}.",
              f"ID accuracy: {acc * 100:.2f}%" if acc is not None else "ID accuracy: n/a (unlabelled ID set)", "",
              "| detector | set | FPR95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |", "|---|---|---|---|---|---|"]
     for row in _rows(results):
@@ -343,7 +350,7 @@ def define_flags() -> None:
 def run_from_flags(flags_values) -> dict:
     """Runs the evaluation described by parsed absl flags; returns the results (with scores)."""
     from kood.models import load_classifier
-    from kood.rundir import resolve_model, run_temperature
+    from kood.rundir import resolve_model, run_finished, run_temperature
 
     for name in ("model_dir", "id_data", "ood", "output"):
         if not getattr(flags_values, name):
@@ -377,7 +384,8 @@ def run_from_flags(flags_values) -> dict:
         certify_options={"lipschitz_samples": flags_values.lipschitz_samples,
                          "lipschitz_radius": flags_values.lipschitz_radius, "temperature": run_t or 1.0},
         keep_scores=True)
-    results["settings"]["model_dir"] = flags_values.model_dir
+    results["settings"].update(model_dir=flags_values.model_dir, model_file=os.path.abspath(model_file),
+                               run_finished=run_finished(model_file))
     write_reports(results, flags_values.output)
     print(markdown_table(results))
     return results

@@ -52,10 +52,10 @@ import tensorflow as tf
 from kood.data import eval_dataset
 from kood.detectors import DETECTORS, make_detector
 from kood.errors import ConfigError, DataError, run_cli
-from kood.manifest import read_manifest
+from kood.manifest import read_manifest, same_dataset
 from kood.metrics import threshold_at_tpr
 from kood.progress import Progress
-from kood.rundir import CHECKPOINTS, resolve_model, run_temperature
+from kood.rundir import CHECKPOINTS, resolve_model, run_finished, run_temperature
 
 FORMAT = "kood-export/1"
 DETECTOR_JSON = "detector.json"
@@ -285,8 +285,12 @@ def export_detector(model_path: str, out: str, *, id_data: str | None = None, ca
         run_t = run_temperature(config)
         params["temperature"] = run_t if run_t is not None else 1.0
         temperature_from = "run config.json" if run_t is not None else "default (no run config.json)"
+    run_id_data = (config or {}).get("id_data")
+    if id_data is not None and run_id_data and same_dataset(id_data, run_id_data) is False:
+        print(f"kood.export: warning: --id_data={id_data} is not the ID data of the run ({run_id_data}, its "
+              f"config.json); the threshold is calibrated on {id_data}", file=sys.stderr)
     if id_data is None:
-        id_data = (config or {}).get("id_data")
+        id_data = run_id_data
         if not id_data:
             raise ConfigError(f"--id_data is required: {model_path} has no run config.json naming its ID data")
         if not os.path.isdir(id_data):  # e.g. a relative path from another working directory
@@ -350,7 +354,8 @@ def export_detector(model_path: str, out: str, *, id_data: str | None = None, ca
         "signature": {"name": SIGNATURE, "outputs": list(OUTPUTS)},
         "files": {"saved_model": ".", "keras": KERAS_FILE},
         "model": {"file": os.path.abspath(model_file), "checkpoint": checkpoint if os.path.isdir(model_path) else None,
-                  "method": (config or {}).get("method"), "arch": (config or {}).get("arch")},
+                  "method": (config or {}).get("method"), "arch": (config or {}).get("arch"),
+                  "run_finished": run_finished(model_file)},
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

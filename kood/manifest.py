@@ -176,3 +176,19 @@ def json_text(obj: Any) -> str:
         return value
 
     return json.dumps(strict(obj), indent=2, allow_nan=False) + "\n"
+
+
+def same_dataset(dir_a: str, dir_b: str) -> bool | None:
+    """Whether two dataset dirs hold the same records (same dir, or a copy: same shards and sha256s).
+
+    None when either has no readable manifest here (e.g. a relative path from another working directory).
+
+    Example:
+        same_dataset("data/cifar10", "/mnt/copy/cifar10")   # True for a copy
+    """
+    if os.path.realpath(dir_a) == os.path.realpath(dir_b):
+        return True
+    try:
+        return read_manifest(dir_a).splits == read_manifest(dir_b).splits
+    except DataError:
+        return None

@@ -52,6 +52,18 @@ def resolve_model(model_path: str, checkpoint: str = "best") -> tuple[str, dict 
     return file, config
 
 
+def run_finished(model_file: str) -> bool | None:
+    """Whether the kood run holding `model_file` finished (has results.json); None outside a run dir.
+
+    Example:
+        run_finished("runs/demo/best.keras")   # True once kood.train has written runs/demo/results.json
+    """
+    run_dir = os.path.dirname(os.path.abspath(model_file))
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
+        return None
+    return os.path.isfile(os.path.join(run_dir, "results.json"))
+
+
 def run_temperature(config: dict | None) -> float | None:
     """T of the energy score the run trained with (its method preset + overrides), if known."""
     if not config or "method" not in config:

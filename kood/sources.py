@@ -149,6 +149,8 @@ def _npy(spec: str, path: str) -> Source:
         images = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: not a readable .npy array: {e}") from e
+    if not isinstance(images, np.ndarray):  # np.load opens an .npz archive too
+        raise DataError(f"{path}: is a .npz archive, not a .npy array; use --source=npz:{path}")
     return Source(spec, {"train": _array_split(images, None, path)}, [], named_splits=False)
 
 

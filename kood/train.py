@@ -115,8 +115,9 @@ flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 progress 
 
 FLAGS = flags.FLAGS
 
-# The embedded demo's defaults, applied only to flags the user did not set.
-DEMO_DEFAULTS = dict(epochs=30, batch_size=32, lr=0.05, weight_decay=5e-4, log_every=5)
+# The embedded demo's defaults, applied only to flags the user did not set. No flips: a mirrored digit is
+# another shape (README, --augment).
+DEMO_DEFAULTS = dict(epochs=30, batch_size=32, lr=0.05, weight_decay=5e-4, log_every=5, augment=False)
 
 
 def _parse_kv(values: list[str], flag: str) -> dict[str, str]:

@@ -167,11 +167,17 @@ def test_energy_and_certify_use_the_run_temperature(sets, tmp_path, capsys):
     assert results["detectors"]["energy"]["hyperparams"] == {"temperature": 2.5}
     assert results["certify"]["temperature"] == 2.5
     assert "the run has not finished" in capsys.readouterr().err  # no results.json yet
+    assert results["settings"]["run_finished"] is False
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert f"Model: {run / 'best.keras'} (from a run that had not finished)" in table
+    assert f"ID data: {sets['id']} (split test); OOD: noise={sets['noise']}" in table
     (run / "results.json").write_text("{}")
     values.detector_params, values.certify, values.output = '{"energy": {"temperature": 1.0}}', False, str(tmp_path / "o2")
     results = evaluate.run_from_flags(values)
     assert results["detectors"]["energy"]["hyperparams"] == {"temperature": 1.0}  # an explicit T wins
     assert "has not finished" not in capsys.readouterr().err
+    assert results["settings"]["run_finished"] is True
+    assert "had not finished" not in (tmp_path / "o2" / "results.md").read_text()
 
 
 def test_truncated_ood_file_is_named_without_a_traceback(sets, tmp_path):

@@ -302,6 +302,21 @@ def test_calibrating_on_the_training_split_warns_and_is_recorded(run, tmp_path, 
     assert info["calibration"]["held_out"] is False
 
 
+def test_other_id_data_than_the_runs_warns_but_a_copy_does_not(run, tmp_path, capsys):
+    import shutil
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run["id"], copy)
+    info = export_detector(run["run"], str(tmp_path / "a"), id_data=copy, detector="max_logit")
+    assert "is not the ID data of the run" not in capsys.readouterr().err
+    assert info["model"]["run_finished"] is False  # the fixture's run dir has no results.json
+    other = str(tmp_path / "other")  # same shape and classes, other images
+    x_train, y_train, x_test, y_test = digits_arrays()
+    write_arrays(other, {"val": (x_test[::-1][:NUM_VAL], y_test[::-1][:NUM_VAL])})
+    export_detector(run["run"], str(tmp_path / "b"), id_data=other, detector="max_logit")
+    assert f"--id_data={other} is not the ID data of the run ({run['id']}" in capsys.readouterr().err
+
+
 def test_bare_keras_file_needs_id_data(run, tmp_path):
     path = str(tmp_path / "model.keras")
     run["model"].save(path)

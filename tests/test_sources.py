@@ -130,6 +130,16 @@ def test_unknown_form_and_missing_path(tmp_path):
         open_source(f"npz:{missing}")
 
 
+def test_npz_and_npy_swapped_name_the_file_and_the_right_form(tmp_path):
+    archive = tmp_path / "a.npz"
+    np.savez(archive, x=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(DataError, match=f"{archive}: is a .npz archive, not a .npy array; use --source=npz:"):
+        open_source(f"npy:{archive}")
+    array, _ = dh.make_npy(tmp_path / "r.npy", n=3)
+    with pytest.raises(DataError, match=f"{array}: not a readable .npz archive"):
+        open_source(f"npz:{array}")
+
+
 def test_folder_of_split_folders_gives_one_split_each_with_the_same_classes(tmp_path):
     _, x_train, y_train = dh.make_image_folder(tmp_path / "imgs" / "train", {"cat": 4, "dog": 3})
     _, x_test, y_test = dh.make_image_folder(tmp_path / "imgs" / "test", {"cat": 2, "dog": 1}, seed=7)

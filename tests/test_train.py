@@ -484,6 +484,12 @@ def test_a_partial_demo_cache_is_rebuilt(tmp_path):
         flags.FLAGS.unparse_flags()
     assert cfg.ood_data == {"demo_ood": os.path.join(root, "ood")}
     assert os.path.exists(os.path.join(root, "ood", "manifest.json"))
+    assert cfg.augment is False  # digits: no flips by default
+    try:
+        flags.FLAGS(["kood.train", f"--demo_dir={root}", f"--model_dir={tmp_path / 'run'}", "--augment"])
+        assert train.config_from_flags().augment is True  # a flag the user sets wins
+    finally:
+        flags.FLAGS.unparse_flags()
 
 
 def test_a_diverged_epoch_is_never_checkpointed(digit_sets, tmp_path, monkeypatch):
