@@ -799,6 +799,8 @@ def summarize(cells: list[dict], ood_names: list[str]) -> dict[str, dict]:
 def _pm(stat: dict, scale: float = 100.0, digits: int = 2) -> str:
     if stat["mean"] is None:
         return "n/a"
+    if stat["n"] == 1:  # no spread to show from one seed
+        return f"{stat['mean'] * scale:.{digits}f}"
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
@@ -998,6 +1000,7 @@ def define_flags() -> None:
     flags.DEFINE_string("aux_data", None, "Auxiliary outlier kood dataset dir (energy/greg/greg_plus training).")
     flags.DEFINE_string("syn_data", None, "Synthetic ID kood dataset dir (for METHOD+sio).")
     flags.DEFINE_string("ood", None, "Held-out OOD sets: name=DIR[,name=DIR].")
+    flags.DEFINE_alias("ood_data", "ood")  # kood.train's name for the same thing
     flags.DEFINE_list("methods", ["ce", "energy", "greg", "greg_plus"],
                       "Methods: ce (the pretrained CE model, energy score), any kood.methods preset, "
                       "or PRESET+sio (with --syn_data, --sio_ratio).")

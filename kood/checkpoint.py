@@ -27,6 +27,9 @@ def save(ckpt_dir: str, model: keras.Model, optimizer: keras.optimizers.Optimize
          keep: int = 2) -> str:
     """Writes a checkpoint for `state["epoch"]`; keeps the newest `keep` ones."""
     os.makedirs(ckpt_dir, exist_ok=True)
+    for leftover in os.listdir(ckpt_dir):  # a write killed before its rename (SIGKILL: no cleanup ran)
+        if leftover.startswith(".epoch-"):
+            shutil.rmtree(os.path.join(ckpt_dir, leftover), ignore_errors=True)
     name = f"epoch-{int(state['epoch']):05d}"
     final = os.path.join(ckpt_dir, name)
     tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_dir)

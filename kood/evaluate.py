@@ -320,8 +320,10 @@ def define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("model_dir", None, "Trained classifier: a model dir (uses best.keras) or a .keras file.")
-    flags.DEFINE_string("id_data", None, "ID dataset directory; its --id_split is the ID test set.")
+    flags.DEFINE_string("id_data", None, "ID dataset directory; its --id_split is the ID test set. Default: the "
+                        "run's id_data (its config.json).")
     flags.DEFINE_string("ood", None, "OOD sets as NAME=DIR[,NAME=DIR...], e.g. svhn=data/svhn,textures=data/dtd.")
+    flags.DEFINE_alias("ood_data", "ood")  # kood.train's name for the same thing
     flags.DEFINE_string("detectors", "energy,msp", f"Comma-separated detectors. Known: {','.join(DETECTORS)}.")
     flags.DEFINE_string("output", None, "Output directory for results.{json,csv,md} and tensorboard/.")
     flags.DEFINE_string("fit_data", None, "ID data for detectors that need fitting (knn, react, vim, ...); "
@@ -352,7 +354,7 @@ def run_from_flags(flags_values) -> dict:
     from kood.models import load_classifier
     from kood.rundir import resolve_model, run_finished, run_temperature
 
-    for name in ("model_dir", "id_data", "ood", "output"):
+    for name in ("model_dir", "ood", "output"):
         if not getattr(flags_values, name):
             raise ConfigError(f"--{name} is required")
     check_output_dir(flags_values.output)  # before any scoring, not after
@@ -371,6 +373,11 @@ def run_from_flags(flags_values) -> dict:
     ood = parse_ood(flags_values.ood)
     groups = parse_groups(flags_values.ood_groups, list(ood))
     model_file, config = resolve_model(flags_values.model_dir)
+    if not flags_values.id_data:  # as kood.export does
+        flags_values.id_data = (config or {}).get("id_data")
+        if not flags_values.id_data:
+            raise ConfigError(f"--id_data is required: {flags_values.model_dir} has no run config.json naming its ID "
+                              "data")
     model = load_classifier(model_file)
     # The energy score (and --certify's) uses the T the run trained with, as kood.export does.
     run_t = run_temperature(config)

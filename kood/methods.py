@@ -8,6 +8,7 @@ function in kood/losses.py used by kood/trainer.py).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from kood.errors import ConfigError
 
@@ -74,9 +75,15 @@ class MethodConfig:
             bad("sampler", f"must be one of {SAMPLERS}")
         if self.grad_space not in GRAD_SPACES:
             bad("grad_space", f"must be one of {GRAD_SPACES}")
+        for name in ("energy_weight", "oe_weight", "m_in", "m_out", "grad_weight", "aux_batch_factor", "temperature"):
+            if not math.isfinite(getattr(self, name)):
+                bad(name, "must be a finite number")
         for name in ("energy_weight", "oe_weight", "grad_weight"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
+        if self.sampler != "random" and self.score_loss == "none" and self.grad_weight == 0:
+            bad("sampler", "selects outliers for the auxiliary loss or the gradient penalty, but this method has "
+                "neither (--score_loss=none, --grad_weight=0); use --method=greg_plus or energy_cluster")
         if self.m_in >= self.m_out:
             bad("m_in", f"must be below --m_out={self.m_out} (ID energies are pushed below m_in, outliers above m_out)")
         if self.cluster_k < 1:
@@ -91,6 +98,9 @@ class MethodConfig:
             bad("pool_dtype", "only applies to the candidate pool of --sampler=energy_cluster (GReg+)")
         if self.aux_batch_factor <= 0:
             bad("aux_batch_factor", "must be > 0")
+        if self.aux_batch_factor != 1.0 and self.sampler == "energy_cluster":
+            bad("aux_batch_factor", "applies to the random sampler; --sampler=energy_cluster trains on the "
+                "2 x batch_size outliers it selects from --pool_factor x batch_size candidates")
         if self.temperature <= 0:
             bad("temperature", "must be > 0")
 

@@ -94,6 +94,19 @@ def validate(cfg: RunConfig) -> MethodConfig:
         raise ConfigError(f"--schedule must be one of {SCHEDULES}. Received: schedule={cfg.schedule!r}")
     if cfg.schedule == "multistep" and not cfg.lr_milestones:
         raise ConfigError("--schedule=multistep needs --lr_milestones (epochs, e.g. 50)")
+    if cfg.lr_milestones and cfg.schedule != "multistep":
+        raise ConfigError(f"--lr_milestones applies to --schedule=multistep. Received: schedule={cfg.schedule!r}, "
+                          f"lr_milestones={list(cfg.lr_milestones)}")
+    milestones = list(cfg.lr_milestones)
+    if milestones and (milestones != sorted(set(milestones)) or milestones[0] < 1 or milestones[-1] >= cfg.epochs):
+        raise ConfigError(f"--lr_milestones must be increasing epochs between 1 and --epochs - 1 = {cfg.epochs - 1} "
+                          f"(the lr drops after each). Received: lr_milestones={milestones}")
+    if not 0.0 <= cfg.min_lr <= cfg.lr:
+        raise ConfigError(f"--min_lr (the cosine schedule's floor) must be in [0, --lr={cfg.lr}]. "
+                          f"Received: min_lr={cfg.min_lr}")
+    if cfg.min_lr and cfg.schedule != "cosine":
+        raise ConfigError(f"--min_lr applies to --schedule=cosine. Received: schedule={cfg.schedule!r}, "
+                          f"min_lr={cfg.min_lr}")
     for name in ("epochs", "batch_size", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1. Received: {name}={getattr(cfg, name)}")
@@ -109,7 +122,8 @@ def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> keras.optimizers.Opt
     if cfg.schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=total, alpha=cfg.min_lr / cfg.lr)
     elif cfg.schedule == "multistep":
-        bounds = [int(m) * steps_per_epoch for m in cfg.lr_milestones]
+        # Keras' schedule keeps values[i] while step <= bounds[i]; the first step of epoch m is m * steps_per_epoch.
+        bounds = [int(m) * steps_per_epoch - 1 for m in cfg.lr_milestones]
         lr = keras.optimizers.schedules.PiecewiseConstantDecay(
             bounds, [cfg.lr * cfg.lr_gamma ** i for i in range(len(bounds) + 1)])
     else:
@@ -128,6 +142,16 @@ def _run_signature(cfg: RunConfig) -> dict:
         sig.pop(volatile)
     sig["lr_milestones"] = list(sig["lr_milestones"])
     return sig
+
+
+PATH_SETTINGS = ("model_dir", "id_data", "aux_data", "syn_data", "init_checkpoint")
+
+
+def _same_setting(name: str, saved, now) -> bool:
+    """Equal settings; paths are equal when they name the same file (`data/x/`, `./data/x`, absolute)."""
+    if name in PATH_SETTINGS and saved and now:
+        return os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(os.path.expanduser(now))
+    return saved == now
 
 
 def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
@@ -150,7 +174,7 @@ def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
         # A setting added after the run started is compared with its default.
         defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
         saved = {**defaults, **old}
-        diff = {k: (saved.get(k), v) for k, v in sig.items() if saved.get(k) != v}
+        diff = {k: (saved.get(k), v) for k, v in sig.items() if not _same_setting(k, saved.get(k), v)}
         if diff:
             raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with other settings "
                               f"(saved vs now: {diff}); use a new --model_dir to start another run")
@@ -159,10 +183,10 @@ def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
     return sig
 
 
-def _build_classifier(cfg: RunConfig, manifest) -> keras.Model:
+def _build_classifier(cfg: RunConfig, manifest, resuming: bool = False) -> keras.Model:
     model = build_classifier(cfg.arch, input_shape=manifest.shape, num_classes=manifest.num_classes,
                              mean=manifest.mean, std=manifest.std, precision=cfg.precision, **cfg.arch_kwargs)
-    if cfg.init_checkpoint:
+    if cfg.init_checkpoint and not resuming:  # a resumed run's checkpoint replaces these weights anyway
         source = load_classifier(cfg.init_checkpoint)
         mine, theirs = model.weights, source.weights
         if len(mine) != len(theirs):
@@ -182,7 +206,9 @@ def _describe(cfg: RunConfig, mcfg: MethodConfig, manifest, steps: int, aux_batc
     aux = f" + {aux_batch} auxiliary" if mcfg.uses_aux else ""
     if mcfg.uses_aux and mcfg.sampler == "energy_cluster":
         aux = f" + {2 * cfg.batch_size} auxiliary chosen from {aux_batch} candidates"
-    sio = f" ({1 - cfg.sio_ratio:.0%} synthetic from {cfg.syn_data})" if cfg.sio_ratio < 1 else ""
+    synthetic = cfg.batch_size - int(cfg.batch_size * cfg.sio_ratio)  # kood.data's split of each batch
+    sio = (f" ({synthetic} of them synthetic, {synthetic / cfg.batch_size:.0%}, from {cfg.syn_data})"
+           if cfg.sio_ratio < 1 else "")
     start = f"from epoch {epoch + 1} " if epoch else ""
     init = f", starting from {cfg.init_checkpoint}" if cfg.init_checkpoint else ""
     return (f"method {cfg.method}: {settings}\n"
@@ -402,8 +428,9 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(cfg.seed)
     steps = cfg.steps_per_epoch or max(1, manifest.count("train") // int(cfg.batch_size * cfg.sio_ratio))
+    latest = checkpoint.latest(os.path.join(cfg.model_dir, "ckpt"))
     with strategy.scope():
-        classifier = _build_classifier(cfg, manifest)
+        classifier = _build_classifier(cfg, manifest, resuming=latest is not None)
         if cfg.sync_batchnorm:
             distribute.synchronize_batchnorm(classifier)
         trainer = OODTrainer(classifier, mcfg, seed=cfg.seed)
@@ -413,7 +440,6 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
         optimizer = make_optimizer(cfg, steps)
         trainer.compile(optimizer=optimizer, jit_compile=cfg.jit_compile)
         state = {"epoch": 0, "best": None, "finished": False, "history": []}
-        latest = checkpoint.latest(os.path.join(cfg.model_dir, "ckpt"))
         if latest:
             state = checkpoint.restore(latest, classifier, optimizer)
             print(f"Resuming {cfg.model_dir} from {latest} (epoch {state['epoch']}/{cfg.epochs})", file=sys.stderr)
@@ -432,7 +458,9 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
         hparams = {"method": cfg.method, "arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr,
                    "batch_size": cfg.batch_size, "epochs": cfg.epochs, "sio_ratio": cfg.sio_ratio, "seed": cfg.seed,
                    "precision": cfg.precision, "replicas": strategy.num_replicas_in_sync, **dataclasses.asdict(mcfg)}
-        logger = TensorBoardLogger(os.path.join(out_dir, "logs"), probe_id, probe_aux, hparams, cfg.log_every)
+        resume = (int(optimizer.iterations.numpy()), state["epoch"]) if latest else None
+        logger = TensorBoardLogger(os.path.join(out_dir, "logs"), probe_id, probe_aux, hparams, cfg.log_every,
+                                   resume=resume)
         guard = NanGuard()
         verbose = cfg.verbose if sys.stderr.isatty() or cfg.verbose == 0 else 2
         for epoch in range(state["epoch"], cfg.epochs):
@@ -444,6 +472,8 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
             record = {"epoch": epoch + 1, "seconds": round(time.time() - start, 2)}
             if val_split and not guard.failure:
                 record.update(_validate(classifier, cfg.id_data, val_split))
+                logger.log_validation(epoch + 1, val_split, {"accuracy": record["val_accuracy"],
+                                                             "ce": record["val_ce"]})
             failure = guard.failure or _diverged(classifier, record)
             if failure:
                 advice = (f"The last good checkpoint (epoch {state['epoch']}) is kept in {ckpt_dir}; its settings "

@@ -1,8 +1,10 @@
 """TensorBoard logging, the NaN guard and the progress bar of `kood.train` (Keras callbacks).
 
 Writes to `MODEL_DIR/logs/`:
-- `train/`: per-step scalars (every loss term, accuracy, energies, mask fractions, lr);
-- `epoch/`: per-epoch scalars (the same, plus validation and the mean input-gradient
+- `train/`: per-step scalars, each step's own value (every loss term, accuracy, energies, mask
+  fractions, lr);
+- `epoch/`: per-epoch scalars (the same as epoch means, plus the held-out ID split's
+  `SPLIT/accuracy` and `SPLIT/ce`, and the mean input-gradient
   norm of the score, paper Fig. 3), histograms of ID vs auxiliary energy (paper
   Fig. 4), an image grid of the outliers the GReg+ sampler chose, and the run's
   hyperparameters (hparams plugin).
@@ -31,8 +33,47 @@ def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
     return grid[None]
 
 
+HPARAMS_TAG = "_hparams_/session_start_info"
+
+
+def drop_events_after(log_dir: str, max_step: int) -> set[str]:
+    """Removes the events past `max_step` from the TensorBoard event files in `log_dir`; returns the tags kept.
+
+    A run resumed from a checkpoint redoes the steps after it; without this, TensorBoard would show
+    the killed process's points and the rerun's for the same steps. Files are rewritten atomically.
+
+    Example:
+        drop_events_after("runs/x/logs/train", max_step=1200)
+    """
+    kept_tags: set[str] = set()
+    if not os.path.isdir(log_dir):
+        return kept_tags
+    for name in sorted(os.listdir(log_dir)):
+        if not name.startswith("events.out.tfevents"):
+            continue
+        path = os.path.join(log_dir, name)
+        records, dropped = [], 0
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            if event.step > max_step:
+                dropped += 1
+                continue
+            records.append(record.numpy())
+            kept_tags.update(value.tag for value in event.summary.value)
+        if dropped:
+            tmp = os.path.join(log_dir, f".{name}.tmp")
+            with tf.io.TFRecordWriter(tmp) as writer:
+                for record in records:
+                    writer.write(record)
+            os.replace(tmp, path)
+    return kept_tags
+
+
 class TensorBoardLogger(keras.callbacks.Callback):
     """Step and epoch summaries (see module docstring).
+
+    Step scalars are each step's own values (Keras' logs hold means since the epoch began, what the
+    progress bar shows); epoch scalars are the epoch means.
 
     Args:
         log_dir: `MODEL_DIR/logs`.
@@ -40,21 +81,41 @@ class TensorBoardLogger(keras.callbacks.Callback):
         probe_aux: a fixed batch of auxiliary images (a candidate pool for GReg+).
         hparams: flat dict of the run's hyperparameters.
         log_every: write step scalars every this many steps.
+        resume: `(global step, epoch)` of the checkpoint a resumed run starts from: events logged
+            after it by the interrupted process are removed.
     """
 
     def __init__(self, log_dir: str, probe_id: tf.Tensor, probe_aux: tf.Tensor | None, hparams: dict,
-                 log_every: int = 10):
+                 log_every: int = 10, resume: tuple[int, int] | None = None):
         super().__init__()
+        kept = set()
+        if resume:
+            drop_events_after(os.path.join(log_dir, "train"), resume[0])
+            kept = drop_events_after(os.path.join(log_dir, "epoch"), resume[1])
         self.train_writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
         self.epoch_writer = tf.summary.create_file_writer(os.path.join(log_dir, "epoch"))
         self.probe_id, self.probe_aux = probe_id, probe_aux
         self.hparams, self.log_every = hparams, max(1, int(log_every))
-        self._hparams_written = False
+        self._hparams_written = HPARAMS_TAG in kept
+        self._previous: tuple[int, dict] | None = None
 
     def _lr(self) -> float:
+        """The lr of the step just taken (the optimizer's counter is already past it)."""
         opt = self.model.optimizer
-        lr = opt.learning_rate
-        return float(lr(opt.iterations) if callable(lr) else lr)
+        # Keras 3's `learning_rate` is the NEXT step's value; the schedule itself is `_learning_rate`.
+        schedule = opt._learning_rate
+        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+            return float(schedule(opt.iterations - 1))
+        return float(opt.learning_rate)
+
+    def _step_values(self, batch: int, logs: dict) -> dict | None:
+        """Each step's own values from Keras' running means (all kood's metrics are per-step means)."""
+        previous, self._previous = self._previous, (batch, logs)
+        if batch == 0:
+            return logs
+        if previous is None or previous[0] != batch - 1:
+            return None
+        return {k: (batch + 1) * v - batch * previous[1][k] for k, v in logs.items() if k in previous[1]}
 
     def on_train_begin(self, logs=None):
         if not self._hparams_written:
@@ -64,14 +125,25 @@ class TensorBoardLogger(keras.callbacks.Callback):
                 hp.hparams({k: v for k, v in self.hparams.items() if isinstance(v, (bool, int, float, str))})
             self._hparams_written = True
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._previous = None  # Keras' means restart with each epoch
+
     def on_train_batch_end(self, batch, logs=None):
+        values = self._step_values(batch, {k: float(v) for k, v in (logs or {}).items()})
         step = int(self.model.optimizer.iterations.numpy())
-        if step % self.log_every and step != 1:
+        if values is None or (step % self.log_every and step != 1):
             return
         with self.train_writer.as_default(step=step):
-            for name, value in (logs or {}).items():
-                tf.summary.scalar(name, float(value))
+            for name, value in values.items():
+                tf.summary.scalar(name, value)
             tf.summary.scalar("lr", self._lr())
+
+    def log_validation(self, epoch: int, split: str, values: dict) -> None:
+        """Epoch-end scores on a held-out ID split (`kood.run` computes them after each epoch's fit)."""
+        with self.epoch_writer.as_default(step=epoch):
+            for name, value in values.items():
+                tf.summary.scalar(f"{split}/{name}", float(value))
+        self.epoch_writer.flush()
 
     def on_epoch_end(self, epoch, logs=None):
         trainer = self.model

@@ -73,12 +73,13 @@ flags.DEFINE_list("arch_kwargs", [], "Architecture options key=value, e.g. width
 flags.DEFINE_string("init_checkpoint", None, "Fine-tune from this .keras file or model dir (strict: every weight must load).")
 flags.DEFINE_enum("optimizer", "sgd", OPTIMIZERS, "Optimizer.")
 flags.DEFINE_float("lr", 0.1, "Peak learning rate.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_boolean("nesterov", True, "SGD Nesterov momentum.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum (--optimizer=sgd only).")
+flags.DEFINE_boolean("nesterov", True, "SGD Nesterov momentum (--optimizer=sgd only).")
 flags.DEFINE_float("weight_decay", 5e-4, "Weight decay (Keras optimizer weight_decay; 0 = off).")
 flags.DEFINE_enum("schedule", "cosine", SCHEDULES, "Learning-rate schedule over all steps.")
 flags.DEFINE_float("min_lr", 0.0, "Cosine schedule floor.")
-flags.DEFINE_list("lr_milestones", [], "Multistep: epochs at which the lr is multiplied by --lr_gamma.")
+flags.DEFINE_list("lr_milestones", [], "Multistep: epochs after which the lr is multiplied by --lr_gamma "
+                  "(increasing, 1 .. --epochs - 1).")
 flags.DEFINE_float("lr_gamma", 0.1, "Multistep decay factor.")
 flags.DEFINE_integer("epochs", 10, "Epochs (an epoch = every real ID train image seen once).")
 flags.DEFINE_integer("steps_per_epoch", 0, "Override steps per epoch (0 = real train images // real images per batch).")
@@ -87,7 +88,8 @@ flags.DEFINE_integer("batch_size", 64, "GLOBAL ID batch size B, split evenly ove
                      "for GReg+ (each replica's sampler picks 2 x B/replicas from its own B/replicas x pool_factor).")
 flags.DEFINE_integer("seed", 0, "Random seed (weights, data order, sampler).")
 flags.DEFINE_boolean("deterministic", False, "Enable TF op determinism (bit-exact reruns and resumes; slower).")
-flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step.")
+flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step (slower on CPU; Keras turns it off, with a "
+                     "warning, under --deterministic).")
 flags.DEFINE_enum("precision", "float32", PRECISIONS,
                   "float32, or mixed_bfloat16: the architecture computes in bfloat16 (float32 weights, BatchNorm "
                   "statistics, input normalization, features and logits) on GPUs from Ampere, TPUs and AVX512-BF16 "
@@ -132,6 +134,13 @@ def _parse_kv(values: list[str], flag: str) -> dict[str, str]:
     return out
 
 
+def _milestones(values: list[str]) -> tuple[int, ...]:
+    try:
+        return tuple(int(m) for m in values)
+    except ValueError:
+        raise ConfigError(f"--lr_milestones: epochs must be whole numbers. Received: {','.join(values)}") from None
+
+
 def _auto_type(value: str):
     for cast in (int, float):
         try:
@@ -148,6 +157,9 @@ def config_from_flags() -> RunConfig:
         "lr_gamma", "epochs", "steps_per_epoch", "batch_size", "augment", "seed", "init_checkpoint", "val_split",
         "log_every", "deterministic", "jit_compile", "precision", "verbose", "aux_data", "syn_data", "strategy", "tpu",
         "sync_batchnorm")}
+    sgd_only = [f"--{name}" for name in ("momentum", "nesterov") if FLAGS[name].present]
+    if FLAGS.optimizer != "sgd" and sgd_only:
+        raise ConfigError(f"{'/'.join(sgd_only)} applies to --optimizer=sgd. Received: optimizer={FLAGS.optimizer!r}")
     ood = _parse_kv(FLAGS.ood_data, "ood_data")
     id_data = FLAGS.id_data
     suffix = ""
@@ -172,7 +184,7 @@ def config_from_flags() -> RunConfig:
         model_dir=FLAGS.model_dir or os.path.join("kood_runs", f"{FLAGS.method}{suffix}"),
         id_data=id_data, method=FLAGS.method, method_overrides=overrides, ood_data=ood,
         arch_kwargs={k: _auto_type(v) for k, v in _parse_kv(FLAGS.arch_kwargs, "arch_kwargs").items()},
-        lr_milestones=tuple(int(m) for m in FLAGS.lr_milestones), **values)
+        lr_milestones=_milestones(FLAGS.lr_milestones), **values)
 
 
 def _demo_dirs(root: str) -> dict[str, str]:

@@ -180,6 +180,21 @@ def test_energy_and_certify_use_the_run_temperature(sets, tmp_path, capsys):
     assert "had not finished" not in (tmp_path / "o2" / "results.md").read_text()
 
 
+def test_id_data_defaults_to_the_runs(sets, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(sets["model"], run / "best.keras")
+    (run / "config.json").write_text(json.dumps({"method": "energy"}))
+    values = _flag_values(model_dir=str(run), id_data=None, ood=f"noise={sets['noise']}", output=str(tmp_path / "o"),
+                          limit=20)
+    with pytest.raises(ConfigError, match="--id_data is required: .* has no run config.json naming its ID data"):
+        evaluate.run_from_flags(values)
+    (run / "config.json").write_text(json.dumps({"method": "energy", "id_data": sets["id"]}))
+    assert evaluate.run_from_flags(values)["settings"]["id_data"] == sets["id"]
+
+
 def test_truncated_ood_file_is_named_without_a_traceback(sets, tmp_path):
     import glob
     import shutil

@@ -206,6 +206,14 @@ def test_finished_run_is_not_retrained(digit_sets, tmp_path):
     (dict(schedule="multistep"), "--lr_milestones"),
     (dict(method_overrides={"pool_dtype": "bfloat16"}), "--pool_dtype"),  # greg has no candidate pool
     (dict(method="greg_plus", method_overrides={"pool_dtype": "int8"}), "--pool_dtype"),
+    (dict(schedule="multistep", lr_milestones=(2, 1), epochs=3), "--lr_milestones"),  # not increasing
+    (dict(schedule="multistep", lr_milestones=(3,), epochs=3), "--lr_milestones"),  # would never apply
+    (dict(lr_milestones=(1,)), "--lr_milestones"),  # cosine has no milestones
+    (dict(min_lr=0.5), "--min_lr"),  # above --lr=0.05: the cosine schedule would climb
+    (dict(schedule="constant", min_lr=0.01), "--min_lr"),
+    (dict(method_overrides={"m_in": float("nan")}), "--m_in"),
+    (dict(method="greg_plus", method_overrides={"aux_batch_factor": 2.0}), "--aux_batch_factor"),
+    (dict(method="ce", method_overrides={"sampler": "energy_cluster"}), "--sampler"),
 ])
 def test_invalid_combinations_stop_before_any_work(digit_sets, tmp_path, change, message):
     cfg = _config(digit_sets, str(tmp_path / "run"), **change)
@@ -214,9 +222,80 @@ def test_invalid_combinations_stop_before_any_work(digit_sets, tmp_path, change,
     assert not os.path.exists(cfg.model_dir)
 
 
+def test_multistep_lr_drops_at_the_first_step_of_the_milestone_epoch(digit_sets, tmp_path):
+    cfg = _config(digit_sets, str(tmp_path / "run"), schedule="multistep", lr_milestones=(1,), lr=0.1, lr_gamma=0.1,
+                  momentum=0.0, nesterov=False, weight_decay=0.0)
+    optimizer = run_lib.make_optimizer(cfg, steps_per_epoch=4)
+    w = keras.Variable(0.0)
+    used = []
+    for _ in range(6):  # gradient 1: each update moves w by the lr it used
+        before = float(w.numpy())
+        optimizer.apply([tf.constant(1.0)], [w])
+        used.append(round(before - float(w.numpy()), 6))
+    assert used == [0.1] * 4 + [0.01] * 2  # epoch 1 = updates 1-4; epoch 2 starts at the lower lr
+
+
+def test_lr_flags_that_are_not_numbers_or_not_for_the_optimizer_are_refused():
+    from absl import flags
+
+    from kood import train
+
+    for argv, message in ((["--lr_milestones=1.5"], "--lr_milestones: epochs must be whole numbers"),
+                          (["--optimizer=adam", "--momentum=0.5"], "--momentum applies to --optimizer=sgd")):
+        try:
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(["kood.train", "--id_data=x", *argv])
+            with pytest.raises(ConfigError, match=message):
+                train.config_from_flags()
+        finally:
+            flags.FLAGS.unparse_flags()
+
+
+def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.HasField("tensor") and not value.tensor.tensor_shape.dim:
+                    out.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return out
+
+
+def test_step_scalars_are_each_steps_value_and_validation_is_logged(digit_sets, tmp_path):
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=2, log_every=1)
+    run_lib.run_training(cfg)
+    steps = _scalars(os.path.join(cfg.model_dir, "logs", "train"))
+    epochs = _scalars(os.path.join(cfg.model_dir, "logs", "epoch"))
+    for tag in ("loss", "ce_loss", "accuracy"):
+        assert [s for s, _ in steps[tag]] == [1, 2, 3, 4, 5, 6]
+        for epoch in (1, 2):  # the epoch scalar is the mean of its steps' own values
+            own = [v for s, v in steps[tag] if 3 * (epoch - 1) < s <= 3 * epoch]
+            assert np.mean(own) == pytest.approx(dict(epochs[tag])[epoch], rel=1e-4, abs=1e-5)
+    assert len({round(v, 4) for _, v in steps["loss"][:3]}) == 3  # not running means (those would still differ)
+    assert steps["lr"][0][1] == pytest.approx(0.05)  # step 1 ran at the initial lr
+    assert [s for s, _ in epochs["test/accuracy"]] == [1, 2] and "test/ce" in epochs
+    state = json.load(open(os.path.join(cfg.model_dir, "ckpt", "epoch-00002", "state.json")))
+    assert dict(epochs["test/accuracy"])[2] == pytest.approx(state["history"][-1]["val_accuracy"])
+
+
+def test_drop_events_after_keeps_earlier_steps_only(tmp_path):
+    from kood.summaries import drop_events_after
+
+    log_dir = str(tmp_path / "logs")
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default():
+        for step in range(1, 11):
+            tf.summary.scalar("loss", float(step), step=step)
+    writer.close()
+    assert drop_events_after(log_dir, 6) == {"loss"}
+    assert [s for s, _ in _scalars(log_dir)["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert not [n for n in os.listdir(log_dir) if n.startswith(".")]  # no temp file left
+
+
 def test_resumed_run_must_keep_its_settings(digit_sets, tmp_path):
     cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1)
     run_lib.run_training(cfg)
+    run_lib.run_training(dataclasses.replace(cfg, id_data=cfg.id_data + "/"))  # the same dir, spelled otherwise
     cfg.lr = 0.5
     with pytest.raises(ConfigError, match="other settings"):
         run_lib.run_training(cfg)
@@ -313,6 +392,27 @@ def test_init_checkpoint_loads_every_weight(digit_sets, tmp_path):
     assert f"starting from {path}; run dir" in run_lib._describe(cfg, run_lib.validate(cfg), manifest, 3, 16, 0)
 
 
+def test_a_run_with_a_checkpoint_no_longer_needs_its_init_checkpoint(digit_sets, tmp_path):
+    path = str(tmp_path / "ce.keras")
+    build_classifier("small_cnn", input_shape=(8, 8, 1), num_classes=5, mean=[60.0], std=[80.0]).save(path)
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1, init_checkpoint=path)
+    first = run_lib.run_training(cfg)
+    os.remove(path)  # e.g. a cleaned-up pretraining run: the checkpoint replaces those weights anyway
+    assert run_lib.run_training(cfg)["ood"] == first["ood"]
+
+
+def test_checkpoint_write_killed_before_its_rename_is_cleaned_up(tmp_path):
+    from kood import checkpoint
+
+    model = _classifier()
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
+    ckpt_dir = str(tmp_path / "ckpt")
+    os.makedirs(os.path.join(ckpt_dir, ".epoch-00002.u6gx5k2a"))  # what SIGKILL mid-write leaves
+    checkpoint.save(ckpt_dir, model, optimizer, {"epoch": 2})
+    assert sorted(os.listdir(ckpt_dir)) == ["epoch-00002", "latest"]
+
+
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(digit_sets, tmp_path, monkeypatch):
     original = OODTrainer.compute_losses
 
@@ -379,6 +479,10 @@ def test_resume_after_sigkill_ends_with_the_same_weights(digit_sets, tmp_path):
     assert "Resuming" in resumed.stderr
     for a, b in zip(_weights(straight), _weights(killed)):
         np.testing.assert_array_equal(a, b)
+    for part in ("train", "epoch"):  # the killed process's points past the checkpoint were dropped
+        for tag, points in _scalars(os.path.join(killed, "logs", part)).items():
+            steps = [s for s, _ in points]
+            assert len(steps) == len(set(steps)), (part, tag, steps)
 
 
 def test_every_flagfile_parses_into_a_valid_config():
@@ -412,7 +516,7 @@ def test_progress_counts_the_whole_run_and_reports_validation(digit_sets, tmp_pa
     out = captured.out
     assert "method energy: score_loss=energy, energy_weight=0.1, oe_weight=" in captured.err
     assert "small_cnn (float32) on 600 " in captured.err
-    assert "3 steps/epoch x 3 epochs of 16 ID images (25% synthetic from " in captured.err
+    assert "3 steps/epoch x 3 epochs of 16 ID images (4 of them synthetic, 25%, from " in captured.err
     assert "+ 16 auxiliary" in captured.err
     assert [line for line in out.splitlines() if line.startswith("Epoch ")] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
     assert len([line for line in out.splitlines() if line.startswith("epoch ") and ": test accuracy" in line]) == 3
