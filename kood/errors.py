@@ -15,6 +15,15 @@ class ConfigError(ValueError):
     """A flag or argument is invalid, or flags do not fit together."""
 
 
+def quiet_info_logs() -> None:
+    """Hides TF's absl INFO lines (SavedModel writer, tf.distribute reductions) unless --verbosity is given."""
+    from absl import flags
+    from absl import logging as absl_logging
+
+    if "verbosity" not in flags.FLAGS or not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def run_cli(prog: str, argv: Sequence[str], work: Callable[[], object],
             data_dirs: Callable[[], Iterable[str | None]] | None = None) -> None:
     """Runs `work()` for the flags-only CLI `prog`; bad input exits with code 2 and a one-line message.
@@ -28,6 +37,7 @@ def run_cli(prog: str, argv: Sequence[str], work: Callable[[], object],
         def main(argv):
             run_cli("kood.export", argv, lambda: run_from_flags(flags.FLAGS))
     """
+    quiet_info_logs()
     try:
         if len(argv) > 1:
             raise ConfigError(f"{prog} takes flags only. Received extra arguments: {list(argv[1:])}")

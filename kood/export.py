@@ -427,10 +427,7 @@ def run_from_flags(flags_values) -> dict:
 
 def main(argv) -> None:
     from absl import flags
-    from absl import logging as absl_logging
 
-    # TF's SavedModel writer logs INFO lines ("Assets written to ...", renamed inputs) meant for developers.
-    absl_logging.set_verbosity(absl_logging.WARNING)
     values = flags.FLAGS
     run_cli("kood.export", argv, lambda: run_from_flags(values), data_dirs=lambda: [
         values.id_data or (resolve_model(values.model_dir, values.checkpoint)[1] or {}).get("id_data")])

@@ -26,7 +26,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from kood.distribute import STRATEGIES
-from kood.errors import ConfigError, DataError
+from kood.errors import ConfigError, DataError, quiet_info_logs
 from kood.methods import GRAD_SPACES, METHODS, POOL_DTYPES, SAMPLERS, SCORE_LOSSES, MethodConfig
 from kood.models import PRECISIONS
 from kood.run import OPTIMIZERS, SCHEDULES, RunConfig
@@ -212,6 +212,7 @@ def main(argv):
     from kood.run import format_results, run_training
     from kood.verify import explain_read_error, is_read_error
 
+    quiet_info_logs()
     cfg = None
     try:
         if FLAGS.cpu_devices:
