@@ -832,8 +832,9 @@ def markdown(report: dict) -> str:
     head += ["ID acc ↑", "train s"]
     lines = ["# kood.bench results", "",
              f"ID: `{report['settings']['id_data']}` (test split); aux: `{report['settings']['aux_data']}`; "
-             f"arch {report['settings']['arch']}; {report['seeds_done']} seed(s); mean ± std (sample std) over seeds, "
-             "percentages; score: energy (lower = ID).",
+             f"arch {report['settings']['arch']}; {report['seeds_done']} seed(s); "
+             + ("mean ± std (sample std) over seeds, " if report["seeds_done"] > 1 else "")
+             + "percentages; score: energy (lower = ID).",
              f"{report['convention']}.",
              f"Epochs: pretrain CE {plan['pretrain_epochs']['used']}, fine-tune {plan['finetune_epochs']['used']} "
              f"(lr {report['settings']['lr']} / {report['settings']['finetune_lr']}). "

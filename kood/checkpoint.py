@@ -33,6 +33,9 @@ def save(ckpt_dir: str, model: keras.Model, optimizer: keras.optimizers.Optimize
     name = f"epoch-{int(state['epoch']):05d}"
     final = os.path.join(ckpt_dir, name)
     tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a checkpoint is as readable as the run's other files
     try:
         model.save_weights(os.path.join(tmp, "model.weights.h5"))
         np.savez(os.path.join(tmp, "optimizer.npz"), *[v.numpy() for v in optimizer.variables])

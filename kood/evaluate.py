@@ -352,7 +352,7 @@ def define_flags() -> None:
 def run_from_flags(flags_values) -> dict:
     """Runs the evaluation described by parsed absl flags; returns the results (with scores)."""
     from kood.models import load_classifier
-    from kood.rundir import resolve_model, run_finished, run_temperature
+    from kood.rundir import resolve_model, run_finished, run_id_data, run_temperature
 
     for name in ("model_dir", "ood", "output"):
         if not getattr(flags_values, name):
@@ -374,10 +374,7 @@ def run_from_flags(flags_values) -> dict:
     groups = parse_groups(flags_values.ood_groups, list(ood))
     model_file, config = resolve_model(flags_values.model_dir)
     if not flags_values.id_data:  # as kood.export does
-        flags_values.id_data = (config or {}).get("id_data")
-        if not flags_values.id_data:
-            raise ConfigError(f"--id_data is required: {flags_values.model_dir} has no run config.json naming its ID "
-                              "data")
+        flags_values.id_data = run_id_data(flags_values.model_dir, config)
     model = load_classifier(model_file)
     # The energy score (and --certify's) uses the T the run trained with, as kood.export does.
     run_t = run_temperature(config)

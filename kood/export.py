@@ -55,7 +55,7 @@ from kood.errors import ConfigError, DataError, run_cli
 from kood.manifest import read_manifest, same_dataset
 from kood.metrics import threshold_at_tpr
 from kood.progress import Progress
-from kood.rundir import CHECKPOINTS, resolve_model, run_finished, run_temperature
+from kood.rundir import CHECKPOINTS, resolve_model, run_finished, run_id_data, run_temperature
 
 FORMAT = "kood-export/1"
 DETECTOR_JSON = "detector.json"
@@ -285,17 +285,12 @@ def export_detector(model_path: str, out: str, *, id_data: str | None = None, ca
         run_t = run_temperature(config)
         params["temperature"] = run_t if run_t is not None else 1.0
         temperature_from = "run config.json" if run_t is not None else "default (no run config.json)"
-    run_id_data = (config or {}).get("id_data")
-    if id_data is not None and run_id_data and same_dataset(id_data, run_id_data) is False:
-        print(f"kood.export: warning: --id_data={id_data} is not the ID data of the run ({run_id_data}, its "
+    trained_on = (config or {}).get("id_data")
+    if id_data is not None and trained_on and same_dataset(id_data, trained_on) is False:
+        print(f"kood.export: warning: --id_data={id_data} is not the ID data of the run ({trained_on}, its "
               f"config.json); the threshold is calibrated on {id_data}", file=sys.stderr)
     if id_data is None:
-        id_data = run_id_data
-        if not id_data:
-            raise ConfigError(f"--id_data is required: {model_path} has no run config.json naming its ID data")
-        if not os.path.isdir(id_data):  # e.g. a relative path from another working directory
-            raise DataError(f"The run config.json of {model_path} names id_data={id_data!r}, which is not a "
-                            "directory here; pass --id_data=DIR")
+        id_data = run_id_data(model_path, config)
     model = load_classifier(model_file)
     # the kood detector validates the hyperparameters (names, ranges) and reports them
     hyperparams = make_detector(detector, model, **params).hyperparams()

@@ -98,6 +98,8 @@ class MethodConfig:
             bad("pool_dtype", "only applies to the candidate pool of --sampler=energy_cluster (GReg+)")
         if self.aux_batch_factor <= 0:
             bad("aux_batch_factor", "must be > 0")
+        if self.aux_batch_factor != 1.0 and not self.uses_aux:
+            bad("aux_batch_factor", "sizes the auxiliary batch, but this method trains without auxiliary outliers")
         if self.aux_batch_factor != 1.0 and self.sampler == "energy_cluster":
             bad("aux_batch_factor", "applies to the random sampler; --sampler=energy_cluster trains on the "
                 "2 x batch_size outliers it selects from --pool_factor x batch_size candidates")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -79,6 +80,16 @@ def validate(cfg: RunConfig) -> MethodConfig:
         raise ConfigError(f"--precision must be one of {PRECISIONS}. Received: precision={cfg.precision!r}")
     if cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"--arch: unknown architecture. Known: {sorted(ARCHITECTURES)}. Received: arch={cfg.arch!r}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ConfigError(f"--lr must be a finite number > 0. Received: lr={cfg.lr}")
+    for name, low, high in (("min_lr", 0.0, cfg.lr), ("weight_decay", 0.0, math.inf), ("lr_gamma", 0.0, math.inf),
+                            ("momentum", 0.0, 1.0)):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and low <= value <= high) or (name == "lr_gamma" and value == 0.0) or (
+                name == "momentum" and value == 1.0):
+            bounds = {"min_lr": f"in [0, --lr={cfg.lr}] (the cosine schedule's floor)", "weight_decay": ">= 0",
+                      "lr_gamma": "> 0 (the multistep lr factor)", "momentum": "in [0, 1)"}[name]
+            raise ConfigError(f"--{name} must be a finite number {bounds}. Received: {name}={value}")
     if not 0.0 < cfg.sio_ratio <= 1.0:
         raise ConfigError(f"--sio_ratio must be in (0, 1] (1 = no synthetic data). Received: sio_ratio={cfg.sio_ratio}")
     if cfg.sio_ratio < 1.0 and not cfg.syn_data:
@@ -101,17 +112,12 @@ def validate(cfg: RunConfig) -> MethodConfig:
     if milestones and (milestones != sorted(set(milestones)) or milestones[0] < 1 or milestones[-1] >= cfg.epochs):
         raise ConfigError(f"--lr_milestones must be increasing epochs between 1 and --epochs - 1 = {cfg.epochs - 1} "
                           f"(the lr drops after each). Received: lr_milestones={milestones}")
-    if not 0.0 <= cfg.min_lr <= cfg.lr:
-        raise ConfigError(f"--min_lr (the cosine schedule's floor) must be in [0, --lr={cfg.lr}]. "
-                          f"Received: min_lr={cfg.min_lr}")
     if cfg.min_lr and cfg.schedule != "cosine":
         raise ConfigError(f"--min_lr applies to --schedule=cosine. Received: schedule={cfg.schedule!r}, "
                           f"min_lr={cfg.min_lr}")
     for name in ("epochs", "batch_size", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1. Received: {name}={getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"--lr must be > 0. Received: lr={cfg.lr}")
     if cfg.strategy not in distribute.STRATEGIES:
         raise ConfigError(f"--strategy must be one of {distribute.STRATEGIES}. Received: strategy={cfg.strategy!r}")
     return mcfg
@@ -138,13 +144,17 @@ def _run_signature(cfg: RunConfig) -> dict:
     """The parts of the config that must not change when a run is resumed."""
     sig = dataclasses.asdict(cfg)
     # A run may resume on another device count (checkpoints hold plain, unreplicated values).
-    for volatile in ("verbose", "log_every", "ood_data", "strategy", "tpu"):
+    # model_dir: config.json lives in it, so a moved run dir resumes.
+    for volatile in ("verbose", "log_every", "ood_data", "strategy", "tpu", "model_dir"):
         sig.pop(volatile)
     sig["lr_milestones"] = list(sig["lr_milestones"])
+    for name in PATH_SETTINGS:  # absolute: evaluate/export and resumes may run from another directory
+        if sig[name]:
+            sig[name] = os.path.abspath(os.path.expanduser(sig[name]))
     return sig
 
 
-PATH_SETTINGS = ("model_dir", "id_data", "aux_data", "syn_data", "init_checkpoint")
+PATH_SETTINGS = ("id_data", "aux_data", "syn_data", "init_checkpoint")
 
 
 def _same_setting(name: str, saved, now) -> bool:
@@ -176,8 +186,11 @@ def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
         saved = {**defaults, **old}
         diff = {k: (saved.get(k), v) for k, v in sig.items() if not _same_setting(k, saved.get(k), v)}
         if diff:
+            resume = " ".join(f"--{k}={old_value}" for k, (old_value, _) in diff.items()
+                              if isinstance(old_value, (str, int, float, bool)))
             raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with other settings "
-                              f"(saved vs now: {diff}); use a new --model_dir to start another run")
+                              f"(saved vs now: {diff}); use a new --model_dir to start another run"
+                              + (f", or pass {resume} to resume this one" if resume else ""))
     elif write:
         write_text_atomic(path, json.dumps(sig, indent=2))
     return sig
@@ -458,7 +471,8 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
         hparams = {"method": cfg.method, "arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr,
                    "batch_size": cfg.batch_size, "epochs": cfg.epochs, "sio_ratio": cfg.sio_ratio, "seed": cfg.seed,
                    "precision": cfg.precision, "replicas": strategy.num_replicas_in_sync, **dataclasses.asdict(mcfg)}
-        resume = (int(optimizer.iterations.numpy()), state["epoch"]) if latest else None
+        # Points past the checkpoint (all of them without one) are a killed process's: the rerun redoes them.
+        resume = (int(optimizer.iterations.numpy()), state["epoch"]) if latest else (0, 0)
         logger = TensorBoardLogger(os.path.join(out_dir, "logs"), probe_id, probe_aux, hparams, cfg.log_every,
                                    resume=resume)
         guard = NanGuard()

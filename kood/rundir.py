@@ -52,6 +52,21 @@ def resolve_model(model_path: str, checkpoint: str = "best") -> tuple[str, dict 
     return file, config
 
 
+def run_id_data(model_path: str, config: dict | None) -> str:
+    """The ID data dir the run trained on (its config.json), for a command whose --id_data defaults to it.
+
+    Example:
+        id_data = run_id_data("runs/demo", resolve_model("runs/demo")[1])
+    """
+    id_data = (config or {}).get("id_data")
+    if not id_data:
+        raise ConfigError(f"--id_data is required: {model_path} has no run config.json naming its ID data")
+    if not os.path.isdir(id_data):  # e.g. a relative path saved by an older kood, from another working directory
+        raise DataError(f"The run config.json of {model_path} names id_data={id_data!r}, which is not a "
+                        "directory here; pass --id_data=DIR")
+    return id_data
+
+
 def run_finished(model_file: str) -> bool | None:
     """Whether the kood run holding `model_file` finished (has results.json); None outside a run dir.
 

@@ -3,11 +3,10 @@
 Writes to `MODEL_DIR/logs/`:
 - `train/`: per-step scalars, each step's own value (every loss term, accuracy, energies, mask
   fractions, lr);
-- `epoch/`: per-epoch scalars (the same as epoch means, plus the held-out ID split's
-  `SPLIT/accuracy` and `SPLIT/ce`, and the mean input-gradient
-  norm of the score, paper Fig. 3), histograms of ID vs auxiliary energy (paper
-  Fig. 4), an image grid of the outliers the GReg+ sampler chose, and the run's
-  hyperparameters (hparams plugin).
+- `epoch/`: per-epoch scalars (the same as epoch means, lr at the epoch's last step, the
+  held-out ID split's `SPLIT/accuracy` and `SPLIT/ce`, and the mean input-gradient norm of
+  the score, paper Fig. 3), histograms of ID vs auxiliary energy (paper Fig. 4), an image
+  grid of the outliers the GReg+ sampler chose, and the run's hyperparameters (hparams plugin).
 """
 
 from __future__ import annotations
@@ -73,7 +72,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
     """Step and epoch summaries (see module docstring).
 
     Step scalars are each step's own values (Keras' logs hold means since the epoch began, what the
-    progress bar shows); epoch scalars are the epoch means.
+    progress bar shows); epoch scalars are the epoch means, except `lr`: the epoch's last step's.
 
     Args:
         log_dir: `MODEL_DIR/logs`.
@@ -81,8 +80,8 @@ class TensorBoardLogger(keras.callbacks.Callback):
         probe_aux: a fixed batch of auxiliary images (a candidate pool for GReg+).
         hparams: flat dict of the run's hyperparameters.
         log_every: write step scalars every this many steps.
-        resume: `(global step, epoch)` of the checkpoint a resumed run starts from: events logged
-            after it by the interrupted process are removed.
+        resume: `(global step, epoch)` of the checkpoint the run starts from (`(0, 0)` without one):
+            events an interrupted process logged after it are removed first.
     """
 
     def __init__(self, log_dir: str, probe_id: tf.Tensor, probe_aux: tf.Tensor | None, hparams: dict,

@@ -158,19 +158,16 @@ def config_from_flags() -> RunConfig:
         "log_every", "deterministic", "jit_compile", "precision", "verbose", "aux_data", "syn_data", "strategy", "tpu",
         "sync_batchnorm")}
     sgd_only = [f"--{name}" for name in ("momentum", "nesterov") if FLAGS[name].present]
-    if FLAGS.optimizer != "sgd" and sgd_only:
-        raise ConfigError(f"{'/'.join(sgd_only)} applies to --optimizer=sgd. Received: optimizer={FLAGS.optimizer!r}")
+    if FLAGS.optimizer != "sgd" and sgd_only:  # often set by a flagfile that another --optimizer overrides
+        print(f"note: {'/'.join(sgd_only)} apply to --optimizer=sgd only; not used with --optimizer={FLAGS.optimizer}",
+              file=sys.stderr)
     ood = _parse_kv(FLAGS.ood_data, "ood_data")
     id_data = FLAGS.id_data
     suffix = ""
     if id_data is None:
-        from kood.demo_data import build_demo
-
         if FLAGS.aux_data or FLAGS.syn_data or ood:
             raise ConfigError("--aux_data/--syn_data/--ood_data need --id_data (without it kood runs the demo)")
-        # Missing or partial (e.g. one role deleted): rebuild them all; the build is deterministic.
-        ready = _demo_ready(FLAGS.demo_dir)
-        dirs = _demo_dirs(FLAGS.demo_dir) if ready else build_demo(FLAGS.demo_dir, overwrite=True)
+        dirs = _demo_dirs(FLAGS.demo_dir)
         id_data, ood, suffix = dirs["id"], {"demo_ood": dirs["ood"]}, "-demo"
         values["aux_data"] = dirs["aux"]
         if values["sio_ratio"] < 1.0:
@@ -180,11 +177,19 @@ def config_from_flags() -> RunConfig:
                 values[name] = value
         print(f"No --id_data: running the embedded demo on {FLAGS.demo_dir} "
               f"(digits; aux and OOD are disjoint digit classes)", file=sys.stderr)
-    return RunConfig(
+    cfg = RunConfig(
         model_dir=FLAGS.model_dir or os.path.join("kood_runs", f"{FLAGS.method}{suffix}"),
         id_data=id_data, method=FLAGS.method, method_overrides=overrides, ood_data=ood,
         arch_kwargs={k: _auto_type(v) for k, v in _parse_kv(FLAGS.arch_kwargs, "arch_kwargs").items()},
         lr_milestones=_milestones(FLAGS.lr_milestones), **values)
+    if suffix and not _demo_ready(FLAGS.demo_dir):
+        from kood.demo_data import build_demo
+        from kood.run import validate
+
+        validate(cfg)  # a bad flag is reported before the demo data is built
+        # Missing or partial (e.g. one role deleted): rebuild them all; the build is deterministic.
+        build_demo(FLAGS.demo_dir, overwrite=True)
+    return cfg
 
 
 def _demo_dirs(root: str) -> dict[str, str]:

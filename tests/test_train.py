@@ -214,6 +214,12 @@ def test_finished_run_is_not_retrained(digit_sets, tmp_path):
     (dict(method_overrides={"m_in": float("nan")}), "--m_in"),
     (dict(method="greg_plus", method_overrides={"aux_batch_factor": 2.0}), "--aux_batch_factor"),
     (dict(method="ce", method_overrides={"sampler": "energy_cluster"}), "--sampler"),
+    (dict(method="ce", method_overrides={"aux_batch_factor": 2.0}), "--aux_batch_factor"),
+    (dict(lr=float("nan")), "--lr must"),
+    (dict(lr=float("inf")), "--lr must"),
+    (dict(momentum=1.5), "--momentum"),
+    (dict(weight_decay=-1.0), "--weight_decay"),
+    (dict(schedule="multistep", lr_milestones=(1,), lr_gamma=0.0), "--lr_gamma"),
 ])
 def test_invalid_combinations_stop_before_any_work(digit_sets, tmp_path, change, message):
     cfg = _config(digit_sets, str(tmp_path / "run"), **change)
@@ -235,20 +241,37 @@ def test_multistep_lr_drops_at_the_first_step_of_the_milestone_epoch(digit_sets,
     assert used == [0.1] * 4 + [0.01] * 2  # epoch 1 = updates 1-4; epoch 2 starts at the lower lr
 
 
-def test_lr_flags_that_are_not_numbers_or_not_for_the_optimizer_are_refused():
+def test_milestones_must_be_whole_epochs_and_sgd_flags_with_adam_get_a_note(capsys):
     from absl import flags
 
     from kood import train
 
-    for argv, message in ((["--lr_milestones=1.5"], "--lr_milestones: epochs must be whole numbers"),
-                          (["--optimizer=adam", "--momentum=0.5"], "--momentum applies to --optimizer=sgd")):
-        try:
-            flags.FLAGS.unparse_flags()
-            flags.FLAGS(["kood.train", "--id_data=x", *argv])
-            with pytest.raises(ConfigError, match=message):
-                train.config_from_flags()
-        finally:
-            flags.FLAGS.unparse_flags()
+    try:
+        flags.FLAGS(["kood.train", "--id_data=x", "--lr_milestones=1.5"])
+        with pytest.raises(ConfigError, match="--lr_milestones: epochs must be whole numbers"):
+            train.config_from_flags()
+        flags.FLAGS.unparse_flags()
+        # e.g. a flagfile's --momentum under a later --optimizer=adam: noted, not an error
+        flags.FLAGS(["kood.train", "--id_data=x", "--momentum=0.5", "--optimizer=adam"])
+        assert train.config_from_flags().optimizer == "adam"
+        assert "note: --momentum apply to --optimizer=sgd only" in capsys.readouterr().err
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_a_bad_flag_is_reported_before_the_demo_data_is_built(tmp_path):
+    from absl import flags
+
+    from kood import train
+
+    root = str(tmp_path / "demo")
+    try:
+        flags.FLAGS(["kood.train", f"--demo_dir={root}", "--m_in=nan"])
+        with pytest.raises(ConfigError, match="--m_in"):
+            train.config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert not os.path.exists(root)
 
 
 def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -292,12 +315,40 @@ def test_drop_events_after_keeps_earlier_steps_only(tmp_path):
     assert not [n for n in os.listdir(log_dir) if n.startswith(".")]  # no temp file left
 
 
+def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(digit_sets, tmp_path):
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1, log_every=1)
+    killed = tf.summary.create_file_writer(os.path.join(cfg.model_dir, "logs", "train"))  # what the killed run left
+    with killed.as_default():
+        for step in (1, 2):
+            tf.summary.scalar("loss", 99.0, step=step)
+    killed.close()
+    run_lib.run_training(cfg)
+    points = _scalars(os.path.join(cfg.model_dir, "logs", "train"))["loss"]
+    assert [s for s, _ in points] == [1, 2, 3] and 99.0 not in [v for _, v in points]
+    hparams = [v for path in glob.glob(os.path.join(cfg.model_dir, "logs", "epoch", "events.out.tfevents.*"))
+               for event in tf.compat.v1.train.summary_iterator(path) for v in event.summary.value
+               if v.tag == "_hparams_/session_start_info"]
+    assert len(hparams) == 1
+
+
+def test_a_run_resumes_from_another_working_directory(digit_sets, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    os.symlink(os.path.dirname(digit_sets["id"]), data)
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(digit_sets, "run", method="energy", epochs=1, id_data=os.path.join("data", "id"))
+    run_lib.run_training(cfg)
+    saved = json.load(open(os.path.join(tmp_path, "run", "config.json")))
+    assert saved["id_data"] == str(tmp_path / "data" / "id")  # absolute: evaluate/export work from anywhere
+    monkeypatch.chdir(tmp_path / "run")
+    run_lib.run_training(dataclasses.replace(cfg, model_dir=".", id_data=os.path.join("..", "data", "id/")))
+
+
 def test_resumed_run_must_keep_its_settings(digit_sets, tmp_path):
     cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1)
     run_lib.run_training(cfg)
     run_lib.run_training(dataclasses.replace(cfg, id_data=cfg.id_data + "/"))  # the same dir, spelled otherwise
     cfg.lr = 0.5
-    with pytest.raises(ConfigError, match="other settings"):
+    with pytest.raises(ConfigError, match="other settings .* or pass --lr=0.05 to resume this one"):
         run_lib.run_training(cfg)
 
 
