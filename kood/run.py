@@ -82,8 +82,8 @@ def validate(cfg: RunConfig) -> MethodConfig:
         raise ConfigError(f"--arch: unknown architecture. Known: {sorted(ARCHITECTURES)}. Received: arch={cfg.arch!r}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ConfigError(f"--lr must be a finite number > 0. Received: lr={cfg.lr}")
-    for name, low, high in (("min_lr", 0.0, cfg.lr), ("weight_decay", 0.0, math.inf), ("lr_gamma", 0.0, math.inf),
-                            ("momentum", 0.0, 1.0)):
+    numbers = [("min_lr", 0.0, cfg.lr), ("weight_decay", 0.0, math.inf), ("lr_gamma", 0.0, math.inf)]
+    for name, low, high in numbers + ([("momentum", 0.0, 1.0)] if cfg.optimizer == "sgd" else []):
         value = getattr(cfg, name)
         if not (math.isfinite(value) and low <= value <= high) or (name == "lr_gamma" and value == 0.0) or (
                 name == "momentum" and value == 1.0):
@@ -118,6 +118,13 @@ def validate(cfg: RunConfig) -> MethodConfig:
     for name in ("epochs", "batch_size", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1. Received: {name}={getattr(cfg, name)}")
+    if cfg.steps_per_epoch < 0:
+        raise ConfigError(f"--steps_per_epoch must be >= 0 (0: one pass over the ID train split). "
+                          f"Received: steps_per_epoch={cfg.steps_per_epoch}")
+    if int(cfg.batch_size * cfg.sio_ratio) < 1:
+        raise ConfigError(f"--batch_size={cfg.batch_size} x --sio_ratio={cfg.sio_ratio} leaves no real image per "
+                          f"batch; use a batch size of at least {math.ceil(1 / cfg.sio_ratio)}")
+
     if cfg.strategy not in distribute.STRATEGIES:
         raise ConfigError(f"--strategy must be one of {distribute.STRATEGIES}. Received: strategy={cfg.strategy!r}")
     return mcfg
@@ -164,6 +171,23 @@ def _same_setting(name: str, saved, now) -> bool:
     return saved == now
 
 
+def _as_flags(diff: dict) -> str:
+    """How to rerun with the saved side of `diff` (setting -> (saved, now)), as kood.train flags."""
+    given, dropped = [], []
+    for name, (saved, now) in diff.items():
+        if name == "method_overrides":  # one flag per method hyperparameter
+            saved, now = saved or {}, now or {}
+            given += [f"--{k}={v}" for k, v in saved.items() if now.get(k) != v]
+            dropped += [f"--{k}" for k in now if k not in saved]
+        elif name == "arch_kwargs":
+            given.append("--arch_kwargs=" + ",".join(f"{k}={v}" for k, v in (saved or {}).items()))
+        elif isinstance(saved, (list, tuple)):
+            given.append(f"--{name}=" + ",".join(str(v) for v in saved))
+        else:
+            given.append(f"--{name}={'' if saved is None else saved}")
+    return " ".join(given) + (f" and without {' '.join(dropped)}" if dropped else "")
+
+
 def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
     """Compares the run's settings with `config.json` (written by the chief only: `write`).
 
@@ -186,11 +210,9 @@ def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
         saved = {**defaults, **old}
         diff = {k: (saved.get(k), v) for k, v in sig.items() if not _same_setting(k, saved.get(k), v)}
         if diff:
-            resume = " ".join(f"--{k}={old_value}" for k, (old_value, _) in diff.items()
-                              if isinstance(old_value, (str, int, float, bool)))
             raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with other settings "
-                              f"(saved vs now: {diff}); use a new --model_dir to start another run"
-                              + (f", or pass {resume} to resume this one" if resume else ""))
+                              f"(saved vs now: {diff}); use a new --model_dir to start another run, or rerun with "
+                              f"{_as_flags(diff)} to resume this one")
     elif write:
         write_text_atomic(path, json.dumps(sig, indent=2))
     return sig
@@ -409,9 +431,10 @@ def run_training(cfg: RunConfig) -> dict:
                         f"Workflow 1) or drop --ood_data")
     if cfg.verbose:
         print(_selection_note(cfg, manifest), file=sys.stderr)
-    real_per_batch = int(cfg.batch_size * cfg.sio_ratio)
-    if real_per_batch < 1:
-        raise ConfigError(f"--batch_size={cfg.batch_size} x --sio_ratio={cfg.sio_ratio} leaves no real image per batch")
+    resumable = checkpoint.latest(os.path.join(cfg.model_dir, "ckpt")) is not None
+    if cfg.init_checkpoint and not resumable and not os.path.isfile(os.path.expanduser(cfg.init_checkpoint)):
+        raise DataError(f"--init_checkpoint={cfg.init_checkpoint} does not exist (expected a .keras file, e.g. a "
+                        "CE run's best.keras)")
 
     strategy = distribute.make_strategy(cfg.strategy, cfg.tpu)
     role = distribute.worker_role(strategy)
@@ -471,8 +494,9 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
         hparams = {"method": cfg.method, "arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr,
                    "batch_size": cfg.batch_size, "epochs": cfg.epochs, "sio_ratio": cfg.sio_ratio, "seed": cfg.seed,
                    "precision": cfg.precision, "replicas": strategy.num_replicas_in_sync, **dataclasses.asdict(mcfg)}
-        # Points past the checkpoint (all of them without one) are a killed process's: the rerun redoes them.
-        resume = (int(optimizer.iterations.numpy()), state["epoch"]) if latest else (0, 0)
+        # Points past the checkpoint are a killed process's: the rerun redoes them. Without a checkpoint the
+        # settings may have changed too, so the hparams go as well.
+        resume = (int(optimizer.iterations.numpy()), state["epoch"]) if latest else (-1, -1)
         logger = TensorBoardLogger(os.path.join(out_dir, "logs"), probe_id, probe_aux, hparams, cfg.log_every,
                                    resume=resume)
         guard = NanGuard()

@@ -83,6 +83,10 @@ def run_temperature(config: dict | None) -> float | None:
     """T of the energy score the run trained with (its method preset + overrides), if known."""
     if not config or "method" not in config:
         return None
-    from kood.methods import method_config
+    from kood.methods import METHODS, MethodConfig
 
-    return float(method_config(config["method"], **config.get("method_overrides", {})).temperature)
+    if config["method"] not in METHODS:
+        raise DataError(f"run config.json names an unknown method {config['method']!r}; known: {sorted(METHODS)}")
+    # Not re-validated: a run made by an older kood may hold a setting today's checks refuse.
+    values = {**METHODS[config["method"]], **config.get("method_overrides", {})}
+    return float(values.get("temperature", MethodConfig.temperature))

@@ -52,13 +52,16 @@ def drop_events_after(log_dir: str, max_step: int) -> set[str]:
             continue
         path = os.path.join(log_dir, name)
         records, dropped = [], 0
-        for record in tf.data.TFRecordDataset(path):
-            event = tf.compat.v1.Event.FromString(record.numpy())
-            if event.step > max_step:
-                dropped += 1
-                continue
-            records.append(record.numpy())
-            kept_tags.update(value.tag for value in event.summary.value)
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                if event.step > max_step:
+                    dropped += 1
+                    continue
+                records.append(record.numpy())
+                kept_tags.update(value.tag for value in event.summary.value)
+        except tf.errors.DataLossError:  # a record half-written when the process was killed: drop it
+            dropped += 1
         if dropped:
             tmp = os.path.join(log_dir, f".{name}.tmp")
             with tf.io.TFRecordWriter(tmp) as writer:
@@ -80,8 +83,8 @@ class TensorBoardLogger(keras.callbacks.Callback):
         probe_aux: a fixed batch of auxiliary images (a candidate pool for GReg+).
         hparams: flat dict of the run's hyperparameters.
         log_every: write step scalars every this many steps.
-        resume: `(global step, epoch)` of the checkpoint the run starts from (`(0, 0)` without one):
-            events an interrupted process logged after it are removed first.
+        resume: `(global step, epoch)` of the checkpoint the run starts from (`(-1, -1)` without one:
+            everything, hparams included): events an interrupted process logged after it are removed first.
     """
 
     def __init__(self, log_dir: str, probe_id: tf.Tensor, probe_aux: tf.Tensor | None, hparams: dict,

@@ -159,8 +159,8 @@ def config_from_flags() -> RunConfig:
         "sync_batchnorm")}
     sgd_only = [f"--{name}" for name in ("momentum", "nesterov") if FLAGS[name].present]
     if FLAGS.optimizer != "sgd" and sgd_only:  # often set by a flagfile that another --optimizer overrides
-        print(f"note: {'/'.join(sgd_only)} apply to --optimizer=sgd only; not used with --optimizer={FLAGS.optimizer}",
-              file=sys.stderr)
+        print(f"note: {'/'.join(sgd_only)} {'apply' if len(sgd_only) > 1 else 'applies'} to --optimizer=sgd only; "
+              f"not used with --optimizer={FLAGS.optimizer}", file=sys.stderr)
     ood = _parse_kv(FLAGS.ood_data, "ood_data")
     id_data = FLAGS.id_data
     suffix = ""

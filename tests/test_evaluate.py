@@ -180,6 +180,16 @@ def test_energy_and_certify_use_the_run_temperature(sets, tmp_path, capsys):
     assert "had not finished" not in (tmp_path / "o2" / "results.md").read_text()
 
 
+def test_run_temperature_reads_old_configs_that_todays_checks_refuse():
+    from kood.rundir import run_temperature
+
+    old = {"method": "ce", "method_overrides": {"aux_batch_factor": 2.0}}  # refused for new runs since 2026-11-30
+    assert run_temperature(old) == 1.0
+    assert run_temperature({"method": "energy", "method_overrides": {"temperature": 3.0}}) == 3.0
+    with pytest.raises(DataError, match="unknown method 'nope'"):
+        run_temperature({"method": "nope"})
+
+
 def test_id_data_defaults_to_the_runs(sets, tmp_path):
     import shutil
 

@@ -220,10 +220,13 @@ def test_finished_run_is_not_retrained(digit_sets, tmp_path):
     (dict(momentum=1.5), "--momentum"),
     (dict(weight_decay=-1.0), "--weight_decay"),
     (dict(schedule="multistep", lr_milestones=(1,), lr_gamma=0.0), "--lr_gamma"),
+    (dict(steps_per_epoch=-1), "--steps_per_epoch"),
+    (dict(batch_size=4, sio_ratio=0.1, syn_data="x"), "leaves no real image"),
+    (dict(init_checkpoint="/nonexistent/ce.keras"), "--init_checkpoint=/nonexistent/ce.keras does not exist"),
 ])
 def test_invalid_combinations_stop_before_any_work(digit_sets, tmp_path, change, message):
     cfg = _config(digit_sets, str(tmp_path / "run"), **change)
-    with pytest.raises(ConfigError, match=message.replace("-", r"\-")):
+    with pytest.raises((ConfigError, DataError), match=message.replace("-", r"\-")):
         run_lib.run_training(cfg)
     assert not os.path.exists(cfg.model_dir)
 
@@ -254,7 +257,7 @@ def test_milestones_must_be_whole_epochs_and_sgd_flags_with_adam_get_a_note(caps
         # e.g. a flagfile's --momentum under a later --optimizer=adam: noted, not an error
         flags.FLAGS(["kood.train", "--id_data=x", "--momentum=0.5", "--optimizer=adam"])
         assert train.config_from_flags().optimizer == "adam"
-        assert "note: --momentum apply to --optimizer=sgd only" in capsys.readouterr().err
+        assert "note: --momentum applies to --optimizer=sgd only" in capsys.readouterr().err
     finally:
         flags.FLAGS.unparse_flags()
 
@@ -322,9 +325,19 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(digi
         for step in (1, 2):
             tf.summary.scalar("loss", 99.0, step=step)
     killed.close()
+    old_hparams = os.path.join(cfg.model_dir, "logs", "epoch")
+    writer = tf.summary.create_file_writer(old_hparams)  # the killed run had other settings (no checkpoint)
+    with writer.as_default():
+        from tensorboard.plugins.hparams import api as hp
+
+        hp.hparams({"lr": 0.5})
+    writer.close()
+    with open(glob.glob(os.path.join(cfg.model_dir, "logs", "train", "events.out.tfevents.*"))[0], "ab") as f:
+        f.write(b"\x07\x00\x00")  # a record cut short by the kill
     run_lib.run_training(cfg)
     points = _scalars(os.path.join(cfg.model_dir, "logs", "train"))["loss"]
     assert [s for s, _ in points] == [1, 2, 3] and 99.0 not in [v for _, v in points]
+    assert _logged_hparams(os.path.join(cfg.model_dir, "logs"))["lr"] == cfg.lr  # the rerun's, not the killed one's
     hparams = [v for path in glob.glob(os.path.join(cfg.model_dir, "logs", "epoch", "events.out.tfevents.*"))
                for event in tf.compat.v1.train.summary_iterator(path) for v in event.summary.value
                if v.tag == "_hparams_/session_start_info"]
@@ -347,9 +360,10 @@ def test_resumed_run_must_keep_its_settings(digit_sets, tmp_path):
     cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1)
     run_lib.run_training(cfg)
     run_lib.run_training(dataclasses.replace(cfg, id_data=cfg.id_data + "/"))  # the same dir, spelled otherwise
-    cfg.lr = 0.5
-    with pytest.raises(ConfigError, match="other settings .* or pass --lr=0.05 to resume this one"):
-        run_lib.run_training(cfg)
+    changed = dataclasses.replace(cfg, lr=0.5, arch_kwargs={"width": 8}, method_overrides={"energy_weight": 0.2})
+    with pytest.raises(ConfigError, match="or rerun with --arch_kwargs= --lr=0.05 and without --energy_weight to "
+                                          "resume this one"):
+        run_lib.run_training(changed)
 
 
 def test_run_stopped_before_its_first_checkpoint_takes_corrected_settings(digit_sets, tmp_path):
