@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 
 import keras
 import numpy as np
@@ -32,10 +32,9 @@ def save(ckpt_dir: str, model: keras.Model, optimizer: keras.optimizers.Optimize
             shutil.rmtree(os.path.join(ckpt_dir, leftover), ignore_errors=True)
     name = f"epoch-{int(state['epoch']):05d}"
     final = os.path.join(ckpt_dir, name)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=ckpt_dir)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a checkpoint is as readable as the run's other files
+    # A hidden name in the same directory (rename is atomic there); mkdir honours the umask (mkdtemp: 0700).
+    tmp = os.path.join(ckpt_dir, f".{name}.{uuid.uuid4().hex[:8]}")
+    os.mkdir(tmp)
     try:
         model.save_weights(os.path.join(tmp, "model.weights.h5"))
         np.savez(os.path.join(tmp, "optimizer.npz"), *[v.numpy() for v in optimizer.variables])
