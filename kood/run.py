@@ -80,15 +80,15 @@ def validate(cfg: RunConfig) -> MethodConfig:
         raise ConfigError(f"--precision must be one of {PRECISIONS}. Received: precision={cfg.precision!r}")
     if cfg.arch not in ARCHITECTURES:
         raise ConfigError(f"--arch: unknown architecture. Known: {sorted(ARCHITECTURES)}. Received: arch={cfg.arch!r}")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise ConfigError(f"--lr must be a finite number > 0. Received: lr={cfg.lr}")
-    numbers = [("min_lr", 0.0, cfg.lr), ("weight_decay", 0.0, math.inf), ("lr_gamma", 0.0, math.inf)]
-    for name, low, high in numbers + ([("momentum", 0.0, 1.0)] if cfg.optimizer == "sgd" else []):
+    ranges = {"lr": (lambda v: v > 0, "> 0"),
+              "min_lr": (lambda v: 0 <= v <= cfg.lr, f"in [0, --lr={cfg.lr}] (the cosine schedule's floor)"),
+              "weight_decay": (lambda v: v >= 0, ">= 0"),
+              "lr_gamma": (lambda v: v > 0, "> 0 (the multistep lr factor)")}
+    if cfg.optimizer == "sgd":
+        ranges["momentum"] = (lambda v: 0 <= v < 1, "in [0, 1)")
+    for name, (in_range, bounds) in ranges.items():  # --lr first: the others' bounds use it
         value = getattr(cfg, name)
-        if not (math.isfinite(value) and low <= value <= high) or (name == "lr_gamma" and value == 0.0) or (
-                name == "momentum" and value == 1.0):
-            bounds = {"min_lr": f"in [0, --lr={cfg.lr}] (the cosine schedule's floor)", "weight_decay": ">= 0",
-                      "lr_gamma": "> 0 (the multistep lr factor)", "momentum": "in [0, 1)"}[name]
+        if not (math.isfinite(value) and in_range(value)):
             raise ConfigError(f"--{name} must be a finite number {bounds}. Received: {name}={value}")
     if not 0.0 < cfg.sio_ratio <= 1.0:
         raise ConfigError(f"--sio_ratio must be in (0, 1] (1 = no synthetic data). Received: sio_ratio={cfg.sio_ratio}")
@@ -124,7 +124,6 @@ def validate(cfg: RunConfig) -> MethodConfig:
     if int(cfg.batch_size * cfg.sio_ratio) < 1:
         raise ConfigError(f"--batch_size={cfg.batch_size} x --sio_ratio={cfg.sio_ratio} leaves no real image per "
                           f"batch; use a batch size of at least {math.ceil(1 / cfg.sio_ratio)}")
-
     if cfg.strategy not in distribute.STRATEGIES:
         raise ConfigError(f"--strategy must be one of {distribute.STRATEGIES}. Received: strategy={cfg.strategy!r}")
     return mcfg
@@ -147,6 +146,9 @@ def make_optimizer(cfg: RunConfig, steps_per_epoch: int) -> keras.optimizers.Opt
     return keras.optimizers.Adam(lr, weight_decay=wd)
 
 
+PATH_SETTINGS = ("id_data", "aux_data", "syn_data", "init_checkpoint")
+
+
 def _run_signature(cfg: RunConfig) -> dict:
     """The parts of the config that must not change when a run is resumed."""
     sig = dataclasses.asdict(cfg)
@@ -159,9 +161,6 @@ def _run_signature(cfg: RunConfig) -> dict:
         if sig[name]:
             sig[name] = os.path.abspath(os.path.expanduser(sig[name]))
     return sig
-
-
-PATH_SETTINGS = ("id_data", "aux_data", "syn_data", "init_checkpoint")
 
 
 def _same_setting(name: str, saved, now) -> bool:

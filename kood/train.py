@@ -29,7 +29,7 @@ from kood.distribute import STRATEGIES
 from kood.errors import ConfigError, DataError, quiet_info_logs
 from kood.methods import GRAD_SPACES, METHODS, POOL_DTYPES, SAMPLERS, SCORE_LOSSES, MethodConfig
 from kood.models import PRECISIONS
-from kood.run import OPTIMIZERS, SCHEDULES, RunConfig
+from kood.run import OPTIMIZERS, SCHEDULES, RunConfig, validate
 
 _D = MethodConfig()  # preset-free defaults, shown in --help
 
@@ -184,7 +184,6 @@ def config_from_flags() -> RunConfig:
         lr_milestones=_milestones(FLAGS.lr_milestones), **values)
     if suffix and not _demo_ready(FLAGS.demo_dir):
         from kood.demo_data import build_demo
-        from kood.run import validate
 
         validate(cfg)  # a bad flag is reported before the demo data is built
         # Missing or partial (e.g. one role deleted): rebuild them all; the build is deterministic.
