@@ -142,15 +142,43 @@ def check_shards(directory: str, manifest: Manifest, split: str, num_workers: in
                         f"(data_prep --num_shards, ideally a multiple of the workers)")
 
 
+def _batchnorm_layers(model: keras.Model) -> list:
+    # _flatten_layers also reaches nested models (densenet121's keras.applications model).
+    return [layer for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, keras.layers.BatchNormalization)]
+
+
 def synchronize_batchnorm(model: keras.Model) -> int:
     """Makes every BatchNormalization layer use cross-replica batch statistics; returns how many.
 
     With it, R replicas of B / R images compute exactly the statistics one device computes on B
     (a no-op outside a strategy). Costs two all-reduces per BatchNorm layer and step.
     """
-    count = 0
-    for layer in model._flatten_layers(include_self=False):  # also inside nested models (densenet121)
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.synchronized = True
-            count += 1
-    return count
+    layers = _batchnorm_layers(model)
+    for layer in layers:
+        layer.synchronized = True
+    return len(layers)
+
+
+def average_batchnorm_statistics(model: keras.Model, strategy: tf.distribute.Strategy) -> int:
+    """Sets every replica's BatchNorm moving statistics to their mean over all replicas; returns how many.
+
+    Keras keeps one copy of them per replica (aggregation "none"), each updated from that replica's
+    own B / R images, so without `--sync_batchnorm` the copies drift apart and a checkpoint holds
+    replica 0's alone. A resumed run then continued from other statistics than the uninterrupted one
+    (GReg+'s candidate pool runs in inference mode on them). Called before every checkpoint: the
+    saved statistics use every replica's images and a resumed run continues exactly. One all-reduce
+    per epoch; a no-op on one replica.
+    """
+    variables = [v for layer in _batchnorm_layers(model) for v in (layer.moving_mean, layer.moving_variance)]
+    if strategy.num_replicas_in_sync == 1 or not variables:
+        return 0
+
+    @tf.function
+    def average():
+        copies = strategy.run(lambda: [tf.identity(v) for v in variables])  # each replica's own copies
+        for variable, copy in zip(variables, copies):
+            variable.assign(strategy.reduce("MEAN", copy, axis=None))  # cross-replica: sets every copy
+
+    average()
+    return len(variables)

@@ -287,7 +287,7 @@ def export_detector(model_path: str, out: str, *, id_data: str | None = None, ca
         temperature_from = "run config.json" if run_t is not None else "default (no run config.json)"
     trained_on = (config or {}).get("id_data")
     if id_data is not None and trained_on and same_dataset(id_data, trained_on) is False:
-        print(f"kood.export: warning: --id_data={id_data} is not the ID data of the run ({trained_on}, its "
+        print(f"warning: --id_data={id_data} is not the ID data of the run ({trained_on}, its "
               f"config.json); the threshold is calibrated on {id_data}", file=sys.stderr)
     if id_data is None:
         id_data = run_id_data(model_path, config)
@@ -310,7 +310,7 @@ def export_detector(model_path: str, out: str, *, id_data: str | None = None, ca
     split = _calibration_split(manifest, id_data, calib_split)
     held_out = split != "train"  # kood.train always trains on the `train` split
     if not held_out:
-        print(f"kood.export: warning: calibrating on the training split {split!r}; the threshold will accept "
+        print(f"warning: calibrating on the training split {split!r}; the threshold will accept "
               f"fewer than {tpr:.0%} of new ID images. Use held-out ID data (--calib_split).", file=sys.stderr)
 
     module = ServableDetector(model, detector, hyperparams, tpr=float(tpr))

@@ -506,6 +506,7 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
                         initial_epoch=epoch, steps_per_epoch=steps, callbacks=[guard, logger, RunProgbar(cfg.epochs)],
                         shuffle=False,  # the pipeline shuffles (seeded per epoch); Keras can't shuffle a Dataset
                         verbose=verbose)
+            distribute.average_batchnorm_statistics(classifier, strategy)  # before validation and checkpoints
             record = {"epoch": epoch + 1, "seconds": round(time.time() - start, 2)}
             if val_split and not guard.failure:
                 record.update(_validate(classifier, cfg.id_data, val_split))

@@ -240,7 +240,7 @@ def main(argv):
         error = explain_read_error(e, [cfg.id_data, cfg.aux_data, cfg.syn_data, *cfg.ood_data.values()])
         print(f"kood.train: error: {error}", file=sys.stderr)
         return 2
-    if not results["chief"]:  # its numbers come from its own BatchNorm statistics: not the run's
+    if not results["chief"]:  # one report per run: the chief's (the others wrote into a temporary dir)
         print(f"Worker done; the run's model and results are the chief's: {cfg.model_dir}/best.keras, "
               f"{cfg.model_dir}/results.json")
         return 0
