@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -176,6 +177,15 @@ def json_text(obj: Any) -> str:
         return value
 
     return json.dumps(strict(obj), indent=2, allow_nan=False) + "\n"
+
+
+def fingerprint(manifest: Manifest) -> str:
+    """A short hash of a dataset's records (every split's shard files, counts and sha256s).
+
+    Example:
+        fingerprint(read_manifest("data/cifar10"))   # the same for a copy; another after a reconversion
+    """
+    return hashlib.sha256(json.dumps(manifest.splits, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def same_dataset(dir_a: str, dir_b: str) -> bool | None:

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from kood import checkpoint, data, distribute, losses, metrics
 from kood.errors import ConfigError, DataError, check_output_dir
-from kood.manifest import json_text, read_json, read_manifest, read_manifest_of, write_text_atomic
+from kood.manifest import fingerprint, json_text, read_json, read_manifest, read_manifest_of, write_text_atomic
 from kood.methods import MethodConfig, method_config
 from kood.models import ARCHITECTURES, PRECISIONS, build_classifier, load_classifier, non_finite_weights
 from kood.summaries import NanGuard, RunProgbar, TensorBoardLogger
@@ -163,6 +163,15 @@ def _run_signature(cfg: RunConfig) -> dict:
     return sig
 
 
+def _own_overrides(method: str, overrides: dict | None) -> dict:
+    """The method flags that differ from `method`'s preset: `--method=greg --grad_weight=1` is plain greg."""
+    try:
+        preset = dataclasses.asdict(method_config(method))
+    except ConfigError:  # a method of another kood version: compare the flags as given
+        return dict(overrides or {})
+    return {k: v for k, v in (overrides or {}).items() if k not in preset or preset[k] != v}
+
+
 def _same_setting(name: str, saved, now) -> bool:
     """Equal settings; paths are equal when they name the same file (`data/x/`, `./data/x`, absolute)."""
     if name in PATH_SETTINGS and saved and now:
@@ -171,7 +180,7 @@ def _same_setting(name: str, saved, now) -> bool:
 
 
 def _as_flags(diff: dict) -> str:
-    """How to rerun with the saved side of `diff` (setting -> (saved, now)), as kood.train flags."""
+    """'with --a=1 and without --b': how to rerun with the saved side of `diff` (setting -> (saved, now))."""
     given, dropped = [], []
     for name, (saved, now) in diff.items():
         if name == "method_overrides":  # one flag per method hyperparameter
@@ -184,20 +193,21 @@ def _as_flags(diff: dict) -> str:
             given.append(f"--{name}=" + ",".join(str(v) for v in saved))
         else:
             given.append(f"--{name}={'' if saved is None else saved}")
-    return " ".join(given) + (f" and without {' '.join(dropped)}" if dropped else "")
+    return " and ".join(f"{word} {' '.join(flags)}" for word, flags in (("with", given), ("without", dropped)) if flags)
 
 
-def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
-    """Compares the run's settings with `config.json` (written by the chief only: `write`).
+def _check_model_dir(cfg: RunConfig, data: dict, write: bool = True) -> None:
+    """Compares the run's settings and training data with `config.json` (written by the chief only: `write`).
 
     Settings are locked once the run has a checkpoint: a run that stopped before its first
-    checkpoint (a bad flag, a NaN in epoch 1) can be rerun with corrected settings.
+    checkpoint (a bad flag, a NaN in epoch 1) can be rerun with corrected settings. `data`:
+    flag -> `kood.manifest.fingerprint` of its set; a set reconverted under the same path stops a resume.
     """
     check_output_dir(cfg.model_dir, "--model_dir")
     if write:
         os.makedirs(cfg.model_dir, exist_ok=True)
     path = os.path.join(cfg.model_dir, "config.json")
-    sig = _run_signature(cfg)
+    sig = {**_run_signature(cfg), "data_fingerprints": data}
     if os.path.exists(path):
         old = read_json(path, "run config")
         if not checkpoint.latest(os.path.join(cfg.model_dir, "ckpt")):
@@ -207,14 +217,22 @@ def _check_model_dir(cfg: RunConfig, write: bool = True) -> dict:
         # A setting added after the run started is compared with its default.
         defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
         saved = {**defaults, **old}
+        for flag, now in data.items():  # runs from before fingerprints were recorded have none
+            if saved.get("data_fingerprints", {}).get(flag, now) != now:
+                raise DataError(f"--{flag}={getattr(cfg, flag)} holds other records than when the run in "
+                                f"--model_dir={cfg.model_dir} started (the set was converted again: its manifest's "
+                                f"shards differ); its checkpoints continue only on the same data: use a new "
+                                f"--model_dir, or restore the data set")
+        saved["method_overrides"] = _own_overrides(saved["method"], saved["method_overrides"])
+        sig = {**sig, "method_overrides": _own_overrides(cfg.method, cfg.method_overrides)}
+        sig.pop("data_fingerprints")
         diff = {k: (saved.get(k), v) for k, v in sig.items() if not _same_setting(k, saved.get(k), v)}
         if diff:
             raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with other settings "
-                              f"(saved vs now: {diff}); use a new --model_dir to start another run, or rerun with "
+                              f"(saved vs now: {diff}); use a new --model_dir to start another run, or rerun "
                               f"{_as_flags(diff)} to resume this one")
     elif write:
         write_text_atomic(path, json.dumps(sig, indent=2))
-    return sig
 
 
 def _build_classifier(cfg: RunConfig, manifest, resuming: bool = False) -> keras.Model:
@@ -223,15 +241,32 @@ def _build_classifier(cfg: RunConfig, manifest, resuming: bool = False) -> keras
     if cfg.init_checkpoint and not resuming:  # a resumed run's checkpoint replaces these weights anyway
         source = load_classifier(cfg.init_checkpoint)
         mine, theirs = model.weights, source.weights
+        ours = _arch_flags(cfg.arch, cfg.arch_kwargs)
         if len(mine) != len(theirs):
-            raise ConfigError(f"--init_checkpoint={cfg.init_checkpoint} has {len(theirs)} weights, "
-                              f"--arch={cfg.arch} has {len(mine)}: not the same architecture")
+            raise ConfigError(f"--init_checkpoint={cfg.init_checkpoint} has {len(theirs)} weights, {ours} has "
+                              f"{len(mine)}: not the same architecture{_trained_with(cfg.init_checkpoint)}")
         for a, b in zip(mine, theirs):
             if tuple(a.shape) != tuple(b.shape):
                 raise ConfigError(f"--init_checkpoint={cfg.init_checkpoint}: weight {b.path} has shape "
-                                  f"{tuple(b.shape)}, --arch={cfg.arch} expects {tuple(a.shape)} at {a.path}")
+                                  f"{tuple(b.shape)}, {ours} expects {tuple(a.shape)} at {a.path}"
+                                  f"{_trained_with(cfg.init_checkpoint)}")
         model.set_weights(source.get_weights())
     return model
+
+
+def _arch_flags(arch, kwargs: dict) -> str:
+    return f"--arch={arch}" + (f" --arch_kwargs={','.join(f'{k}={v}' for k, v in kwargs.items())}" if kwargs else "")
+
+
+def _trained_with(init_checkpoint: str) -> str:
+    """'; its run (...) used --arch=...' from the config.json beside the checkpoint, if there is one."""
+    path = os.path.expanduser(init_checkpoint)
+    config = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    try:
+        saved = read_json(config, "run config")
+    except DataError:
+        return ""
+    return f"; its run ({config}) used {_arch_flags(saved.get('arch'), saved.get('arch_kwargs') or {})}"
 
 
 def _describe(cfg: RunConfig, mcfg: MethodConfig, manifest, steps: int, aux_batch: int, epoch: int) -> str:
@@ -244,7 +279,7 @@ def _describe(cfg: RunConfig, mcfg: MethodConfig, manifest, steps: int, aux_batc
     sio = (f" ({synthetic} of them synthetic, {synthetic / cfg.batch_size:.0%}, from {cfg.syn_data})"
            if cfg.sio_ratio < 1 else "")
     start = f"from epoch {epoch + 1} " if epoch else ""
-    init = f", starting from {cfg.init_checkpoint}" if cfg.init_checkpoint else ""
+    init = f", starting from {cfg.init_checkpoint}" if cfg.init_checkpoint and not epoch else ""
     return (f"method {cfg.method}: {settings}\n"
             f"{cfg.arch} ({cfg.precision}) on {manifest.count('train')} {cfg.id_data} train images: "
             f"{steps} steps/epoch x {cfg.epochs} epochs {start}of {cfg.batch_size} ID images{sio}{aux}, "
@@ -431,9 +466,12 @@ def run_training(cfg: RunConfig) -> dict:
     if cfg.verbose:
         print(_selection_note(cfg, manifest), file=sys.stderr)
     resumable = checkpoint.latest(os.path.join(cfg.model_dir, "ckpt")) is not None
-    if cfg.init_checkpoint and not resumable and not os.path.isfile(os.path.expanduser(cfg.init_checkpoint)):
-        raise DataError(f"--init_checkpoint={cfg.init_checkpoint} does not exist (expected a .keras file, e.g. a "
-                        "CE run's best.keras)")
+    init = os.path.expanduser(cfg.init_checkpoint or "")
+    if cfg.init_checkpoint and not resumable and not os.path.isfile(os.path.join(init, "best.keras")
+                                                                    if os.path.isdir(init) else init):
+        found = f"is a directory without best.keras" if os.path.isdir(init) else "does not exist"
+        raise DataError(f"--init_checkpoint={cfg.init_checkpoint} {found} (expected a .keras file or a run's "
+                        "--model_dir, e.g. a CE run's best.keras)")
 
     strategy = distribute.make_strategy(cfg.strategy, cfg.tpu)
     role = distribute.worker_role(strategy)
@@ -445,7 +483,7 @@ def run_training(cfg: RunConfig) -> dict:
         print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replica(s) of global batch "
               f"{cfg.batch_size}; worker {role.task_id} of {role.num_workers}"
               f"{' (chief)' if role.is_chief else ' (writes to a temporary directory)'}", file=sys.stderr)
-    _check_model_dir(cfg, write=role.is_chief)
+    _check_model_dir(cfg, {flag: fingerprint(m) for flag, (_, m) in inputs.items()}, write=role.is_chief)
     out_dir = cfg.model_dir if role.is_chief else tempfile.mkdtemp(prefix=f"kood-worker{role.task_id}-")
     try:
         results = _train_and_evaluate(cfg, mcfg, manifest, strategy, out_dir, role.num_workers)

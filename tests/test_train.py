@@ -21,6 +21,7 @@ from kood.errors import ConfigError, DataError
 from kood.methods import METHODS, method_config
 from kood.models import build_classifier
 from kood.trainer import OODTrainer
+from kood.writer import write_arrays
 from tests.train_helpers import digits_arrays, make_digit_sets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -364,6 +365,25 @@ def test_resumed_run_must_keep_its_settings(digit_sets, tmp_path):
     with pytest.raises(ConfigError, match="or rerun with --arch_kwargs= --lr=0.05 and without --energy_weight to "
                                           "resume this one"):
         run_lib.run_training(changed)
+    # A method flag given with its preset's value is the same run; with another value, only "without" is left.
+    run_lib.run_training(dataclasses.replace(cfg, method_overrides={"energy_weight": 0.1, "m_in": -25.0}))
+    with pytest.raises(ConfigError, match="or rerun without --energy_weight to resume"):
+        run_lib.run_training(dataclasses.replace(cfg, method_overrides={"energy_weight": 0.2}))
+
+
+def test_a_resume_on_a_reconverted_data_set_is_refused(digit_sets, tmp_path):
+    import shutil
+
+    id_data = str(tmp_path / "id")
+    shutil.copytree(digit_sets["id"], id_data)
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1, id_data=id_data)
+    run_lib.run_training(cfg)
+    run_lib.run_training(cfg)  # the same records: resumes (here: already finished)
+    x, y = digits_arrays([0, 1, 2, 3, 4])
+    shutil.rmtree(id_data)
+    write_arrays(id_data, {"train": (x[:500], y[:500]), "test": (x[600:], y[600:])}, num_classes=5)
+    with pytest.raises(DataError, match=r"--id_data=.* holds other records than when the run .* started"):
+        run_lib.run_training(cfg)
 
 
 def test_run_stopped_before_its_first_checkpoint_takes_corrected_settings(digit_sets, tmp_path):
@@ -455,6 +475,21 @@ def test_init_checkpoint_loads_every_weight(digit_sets, tmp_path):
     for a, b in zip(model.get_weights(), source.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert f"starting from {path}; run dir" in run_lib._describe(cfg, run_lib.validate(cfg), manifest, 3, 16, 0)
+
+
+def test_init_checkpoint_may_be_a_run_dir_and_a_mismatch_names_the_run_s_architecture(digit_sets, tmp_path):
+    ce = _config(digit_sets, str(tmp_path / "ce"), method="ce", epochs=1, arch_kwargs={"width": 4})
+    run_lib.run_training(ce)
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1, init_checkpoint=ce.model_dir)
+    with pytest.raises(ConfigError, match=r"--arch=small_cnn expects .* its run \(.*config.json\) used "
+                                          r"--arch=small_cnn --arch_kwargs=width=4"):
+        run_lib.run_training(cfg)
+    cfg = dataclasses.replace(cfg, arch_kwargs={"width": 4})
+    model = run_lib._build_classifier(cfg, run_lib.read_manifest(cfg.id_data))
+    for a, b in zip(model.get_weights(), keras.models.load_model(os.path.join(ce.model_dir, "best.keras")).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(DataError, match="is a directory without best.keras"):
+        run_lib.run_training(dataclasses.replace(cfg, init_checkpoint=str(tmp_path), model_dir=str(tmp_path / "r2")))
 
 
 def test_a_run_with_a_checkpoint_no_longer_needs_its_init_checkpoint(digit_sets, tmp_path):
