@@ -142,12 +142,17 @@ def verify_dataset(directory: str, *, show_progress: bool = True, max_problems: 
     return report
 
 
+# Messages of kood.data's per-record assertions (a record that disagrees with the manifest).
+RECORD_CHECKS = ("label out of range [0, ", "raw image record of the wrong size")
+
+
 def is_read_error(error: BaseException) -> bool:
     """True for the TensorFlow errors a damaged dataset raises while a pipeline reads it."""
     import tensorflow as tf
 
     return isinstance(error, tf.errors.DataLossError) or (
-        isinstance(error, tf.errors.FailedPreconditionError) and "expected to contain" in str(error))
+        isinstance(error, tf.errors.FailedPreconditionError) and "expected to contain" in str(error)) or (
+        isinstance(error, tf.errors.InvalidArgumentError) and any(check in str(error) for check in RECORD_CHECKS))
 
 
 def explain_read_error(error: BaseException, directories: Iterable[str | None]) -> DataError:

@@ -651,15 +651,21 @@ def test_final_metrics_are_those_of_best_keras(digit_sets, tmp_path, monkeypatch
     assert json.load(open(os.path.join(cfg.model_dir, "results.json")))["checkpoint_epoch"] == 1
 
 
-def test_damaged_data_file_is_named_without_a_traceback(digit_sets, tmp_path):
+@pytest.mark.parametrize("damage", ["flipped_byte", "num_classes_edited"])
+def test_damaged_data_file_is_named_without_a_traceback(digit_sets, tmp_path, damage):
     import shutil
 
     damaged = str(tmp_path / "id")
     shutil.copytree(digit_sets["id"], damaged)
     shard = sorted(glob.glob(os.path.join(damaged, "train-*.tfrecord")))[0]
-    data = bytearray(open(shard, "rb").read())
-    data[len(data) // 2] ^= 0xFF  # a flipped byte: the record's CRC fails mid-epoch
-    open(shard, "wb").write(bytes(data))
+    if damage == "flipped_byte":  # the record's CRC fails mid-epoch
+        data = bytearray(open(shard, "rb").read())
+        data[len(data) // 2] ^= 0xFF
+        open(shard, "wb").write(bytes(data))
+    else:  # a hand-edited manifest: labels 4 are out of range (kood.data's per-record assertion)
+        manifest = json.load(open(os.path.join(damaged, "manifest.json")))
+        manifest.update(num_classes=4, class_names=manifest["class_names"][:4])
+        json.dump(manifest, open(os.path.join(damaged, "manifest.json"), "w"))
     cmd = [sys.executable, "-m", "kood.train", f"--id_data={damaged}", "--method=ce", "--epochs=1",
            "--batch_size=16", "--verbose=0", f"--model_dir={tmp_path / 'run'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
