@@ -1,6 +1,8 @@
 """Each detector's math against an independent numpy computation, each detector separating noise from
 digits on a tiny trained model, and the detector interface's errors."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -250,6 +252,21 @@ def test_labels_required_and_bad_hyperparameters():
         make_detector("knn", model, kk=3)
     with pytest.raises(ConfigError, match="k"):
         make_detector("knn", model, k=100).fit(unlabelled)
+
+
+@pytest.mark.parametrize("name", ["energy", "odin"])  # the shared path and odin's own
+def test_images_of_the_wrong_shape_are_named(name):
+    model = tiny_classifier()  # takes (8, 8, 1)
+    for shape in ((2, 8, 8), (8, 8, 1), (2, 8, 8, 3)):
+        with pytest.raises(ConfigError, match=rf"{name} expects images of shape \(8, 8, 1\) .*Received: shape "
+                                              rf"{re.escape(str(shape))}"):
+            make_detector(name, model).score(np.zeros(shape, np.float32))
+
+
+def test_fit_images_of_the_wrong_shape_are_named():
+    flat = tf.data.Dataset.from_tensor_slices((np.zeros((4, 8, 8), np.float32), np.zeros(4, np.int64))).batch(2)
+    with pytest.raises(ConfigError, match=r"fit knn expects images of shape \(8, 8, 1\) .*Received: shape \(2, 8, 8\)"):
+        make_detector("knn", tiny_classifier(), k=1).fit(flat)
 
 
 def test_not_a_kood_classifier():

@@ -58,6 +58,23 @@ def forward_fn(model: keras.Model) -> Callable:
     return _FORWARD[model]
 
 
+def model_images(model: keras.Model, images, who: str) -> tf.Tensor:
+    """`images` as a float32 tensor; a ConfigError naming `who` unless it is a batch of the model's input
+    shape (else Keras fails deep inside the tf.function with a message that names neither).
+
+    Example:
+        model_images(model, np.zeros((2, 28, 28)), "energy")
+        # ConfigError: energy expects images of shape (28, 28, 1) (...). Received: shape (2, 28, 28)
+    """
+    x = tf.convert_to_tensor(images, tf.float32)
+    expected = tuple(model.input_shape[1:])
+    got = tuple(x.shape)
+    if len(got) != len(expected) + 1 or any(e is not None and e != g for e, g in zip(expected, got[1:])):
+        raise ConfigError(f"{who} expects images of shape {expected} (the input of model {model.name!r}), in "
+                          f"batches [B, {', '.join(map(str, expected))}]. Received: shape {got}")
+    return x
+
+
 def _batch_parts(batch) -> tuple[tf.Tensor, tf.Tensor | None]:
     if isinstance(batch, (tuple, list)):
         return batch[0], (batch[1] if len(batch) > 1 else None)
@@ -80,7 +97,7 @@ def collect_outputs(model: keras.Model, dataset: Iterable, desc: str = "outputs"
     with Progress(desc) as bar:
         for batch in dataset:
             images, y = _batch_parts(batch)
-            out = forward(tf.convert_to_tensor(images, tf.float32))
+            out = forward(model_images(model, images, desc))
             logits.append(out["logits"].numpy())
             features.append(out["features"].numpy())
             if y is not None:
@@ -149,7 +166,7 @@ class Detector:
     def score(self, images) -> np.ndarray:
         """OOD scores of a batch of float32 pixel images `[B, H, W, C]`; higher = more OOD."""
         self._check_fitted()
-        out = self._forward(tf.convert_to_tensor(images, tf.float32))
+        out = self._forward(model_images(self.model, images, self.name))
         return self.score_outputs({k: v.numpy() for k, v in out.items()})
 
     def score_outputs(self, outputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from kood.detectors.base import Detector, check_positive, probabilities
+from kood.detectors.base import Detector, check_positive, model_images, probabilities
 from kood.errors import ConfigError
 
 
@@ -53,5 +53,5 @@ class Odin(Detector):
         return self.model(x, training=False)
 
     def score(self, images) -> np.ndarray:
-        logits = self._perturbed_logits(tf.convert_to_tensor(images, tf.float32)).numpy()
+        logits = self._perturbed_logits(model_images(self.model, images, self.name)).numpy()
         return odin_score(logits, self.temperature)
