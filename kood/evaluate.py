@@ -28,7 +28,7 @@ import numpy as np
 from kood.data import eval_dataset
 from kood.detectors import DETECTORS, collect_outputs, make_detector
 from kood.errors import ConfigError, DataError, check_output_dir, naming
-from kood.manifest import json_text, write_text_atomic
+from kood.manifest import ID_KINDS, json_text, read_manifest_of, write_text_atomic
 from kood.metrics import CONVENTION_NOTE, CONVENTIONS, METRICS, accuracy, metrics_table
 
 RESIZE_CHOICES = ("error", "resize", "center_crop")
@@ -96,7 +96,12 @@ def parse_detectors(spec: str) -> list[str]:
 # Library
 
 
-def _read(directory: str, split: str, role: str, *, model_shape, resize: str, batch_size: int, limit):
+def _read(directory: str, split: str, role: str, split_flag: str, *, model_shape, resize: str, batch_size: int,
+          limit):
+    splits = sorted(read_manifest_of(f"{role} ", directory).splits)
+    if split not in splits:  # name the flag that reads another split (a held-out OOD set may have only 'train')
+        hint = f"{split_flag}={splits[0]}" if len(splits) == 1 else f"{split_flag}=NAME, NAME one of them"
+        raise DataError(f"{role} {directory}: no split {split!r}; it has {splits}. To read another split, pass {hint}")
     try:
         return eval_dataset(directory, split, batch_size=batch_size, image_size=model_shape, resize=resize,
                             limit=limit)
@@ -154,15 +159,23 @@ def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detec
     read = dict(model_shape=model_shape, resize=resize, batch_size=batch_size)
 
     # build every reader first, so a bad set fails before any long computation
-    id_ds = _read(id_dir, id_split, "ID set (--id_data)", limit=limit, **read)
-    ood_ds = {name: _read(d, ood_split, f"OOD set {name!r} (--ood)", limit=limit, **read)
-              for name, d in ood_dirs.items()}
     needs_fit = [n for n, d in dets.items() if d.needs_fit]
+    fit_flag = "--fit_data" if fit_dir else "--id_data"
     fit_dir = fit_dir or id_dir
+    if needs_fit:  # before any reading: fitted on outliers, knn's scores mean nothing, mahalanobis fails obscurely
+        kind = read_manifest_of(f"{fit_flag}=", fit_dir).kind
+        if kind not in ID_KINDS:
+            default = " (the default --fit_data)" if fit_flag == "--id_data" else ""
+            raise DataError(f"{fit_flag}={fit_dir}{default} is a set of kind {kind!r} (its manifest.json); detectors "
+                            f"{needs_fit} are fitted on ID training data, a set of kind "
+                            f"{' or '.join(map(repr, ID_KINDS))}: pass the model's ID training set as --fit_data")
+    id_ds = _read(id_dir, id_split, "ID set (--id_data)", "--id_split", limit=limit, **read)
+    ood_ds = {name: _read(d, ood_split, f"OOD set {name!r} (--ood)", "--ood_split", limit=limit, **read)
+              for name, d in ood_dirs.items()}
     fit_ds = None
     if needs_fit:
         fit_ds = _read(fit_dir, fit_split, f"detectors {needs_fit} need ID fit data (--fit_data, default: the "
-                       f"--id_data train split); fit set", limit=fit_limit, **read)
+                       f"--id_data train split); fit set", "--fit_split", limit=fit_limit, **read)
 
     if fit_ds is not None:
         fit_out = collect_outputs(model, fit_ds, desc="fit data")
@@ -229,10 +242,12 @@ def markdown_table(results: dict) -> str:
                                                    if settings.get("run_finished") is False else "")
              ] if settings.get("model_file") else []
     lines += [f"ID data: {settings['id_data']} (split {settings['id_split']}); OOD: "
-              + ", ".join(f"{name}={path}" for name, path in settings["ood"].items()),
-              f"Convention: {results['convention_note']}.",
-             f"ID accuracy: {acc * 100:.2f}%" if acc is not None else "ID accuracy: n/a (unlabelled ID set)", "",
-             "| detector | set | FPR95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |", "|---|---|---|---|---|---|"]
+              + ", ".join(f"{name}={path}" for name, path in settings["ood"].items())]
+    if settings.get("fit_data"):  # the detectors that need fitting depend on it
+        lines.append(f"Fit data: {settings['fit_data']} (split {settings['fit_split']})")
+    lines += [f"Convention: {results['convention_note']}.",
+              f"ID accuracy: {acc * 100:.2f}%" if acc is not None else "ID accuracy: n/a (unlabelled ID set)", "",
+              "| detector | set | FPR95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |", "|---|---|---|---|---|---|"]
     for row in _rows(results):
         name = row["name"] if row["kind"] == "set" else f"**{row['name']}**" + (" (group)" if row["kind"] == "group" else "")
         lines.append(f"| {row['detector']} | {name} | " + " | ".join(f"{row[m] * 100:.2f}" for m in METRICS) + " |")
@@ -319,13 +334,15 @@ def define_flags() -> None:
     """Defines the CLI flags (only when run as a program, so importing this module defines none)."""
     from absl import flags
 
-    flags.DEFINE_string("model_dir", None, "Trained classifier: a model dir (uses best.keras) or a .keras file.")
+    flags.DEFINE_string("model_dir", None, "Required. Trained classifier: a model dir (uses best.keras) or a "
+                        ".keras file.")
     flags.DEFINE_string("id_data", None, "ID dataset directory; its --id_split is the ID test set. Default: the "
                         "run's id_data (its config.json).")
-    flags.DEFINE_string("ood", None, "OOD sets as NAME=DIR[,NAME=DIR...], e.g. svhn=data/svhn,textures=data/dtd.")
+    flags.DEFINE_string("ood", None, "Required. OOD sets as NAME=DIR[,NAME=DIR...], e.g. "
+                        "svhn=data/svhn,textures=data/dtd.")
     flags.DEFINE_alias("ood_data", "ood")  # kood.train's name for the same thing
     flags.DEFINE_string("detectors", "energy,msp", f"Comma-separated detectors. Known: {','.join(DETECTORS)}.")
-    flags.DEFINE_string("output", None, "Output directory for results.{json,csv,md} and tensorboard/.")
+    flags.DEFINE_string("output", None, "Required. Output directory for results.{json,csv,md} and tensorboard/.")
     flags.DEFINE_string("fit_data", None, "ID data for detectors that need fitting (knn, react, vim, ...); "
                         "default: --id_data.")
     flags.DEFINE_string("fit_split", "train", "Split of --fit_data.")

@@ -15,6 +15,7 @@ from kood.records import ENCODINGS
 
 FORMAT = "kood-tfrecord/1"
 KINDS = ("real", "synthetic", "outlier", "ood")
+ID_KINDS = ("real", "synthetic")  # kinds of labelled ID data (training, detector fitting); the others are unlabelled
 MANIFEST = "manifest.json"
 TASKS = "tasks"  # DIR/tasks/: per-task parts of a fanned-out conversion (kood.fanout), until merged
 

@@ -81,6 +81,42 @@ def test_missing_fit_data(sets, tmp_path):
     r = evaluate.evaluate(model, test_only, {"noise": sets["noise"]}, ["knn"], fit_dir=sets["id"], limit=50,
                           detector_params={"knn": {"k": 5}})
     assert r["detectors"]["knn"]["hyperparams"] == {"k": 5} and r["settings"]["fit_data"] == sets["id"]
+    assert f"Fit data: {sets['id']} (split train)" in evaluate.markdown_table(r)  # not only in results.json
+
+
+def test_fit_data_must_be_id_data(sets, tmp_path):
+    x_train, y_train, _, _ = digits_arrays()
+    outliers, synthetic = str(tmp_path / "outliers"), str(tmp_path / "synthetic")
+    write_arrays(outliers, {"train": (noise_images(50), -np.ones(50, np.int64))}, kind="outlier")
+    write_arrays(synthetic, {"train": (x_train[:200], y_train[:200])}, kind="synthetic")
+    model = trained_digits_model()
+    # refused before any reading: the 16x16 OOD set without --resize would fail otherwise
+    with pytest.raises(DataError, match=f"--fit_data={outliers} is a set of kind 'outlier' .*detectors "
+                                        r"\['knn', 'mahalanobis'\] are fitted on ID training data"):
+        evaluate.evaluate(model, sets["id"], {"big": sets["big"]}, ["energy", "knn", "mahalanobis"], fit_dir=outliers)
+    with pytest.raises(DataError, match=f"--id_data={sets['noise']} \\(the default --fit_data\\) is a set of "
+                                        "kind 'ood'"):
+        evaluate.evaluate(model, sets["noise"], {"noise": sets["noise"]}, ["knn"])
+    # synthetic ID data is ID data; a detector that needs no fit ignores the fit set
+    r = evaluate.evaluate(model, sets["id"], {"noise": sets["noise"]}, ["knn", "mahalanobis"], fit_dir=synthetic,
+                          limit=20, detector_params={"knn": {"k": 5}})
+    assert r["settings"]["fit_data"] == synthetic
+    r = evaluate.evaluate(model, sets["id"], {"noise": sets["noise"]}, ["energy"], fit_dir=outliers, limit=20)
+    assert r["settings"]["fit_data"] is None and "Fit data" not in evaluate.markdown_table(r)
+
+
+def test_missing_split_names_the_flag_that_reads_another(sets, tmp_path):
+    train_only = str(tmp_path / "k")
+    write_arrays(train_only, {"train": (noise_images(30), -np.ones(30, np.int64))}, kind="ood")
+    model = trained_digits_model()
+    with pytest.raises(DataError, match=f"OOD set 'k' \\(--ood\\) {train_only}: no split 'test'; it has "
+                                        r"\['train'\]. To read another split, pass --ood_split=train$"):
+        evaluate.evaluate(model, sets["id"], {"k": train_only}, ["energy"])
+    r = evaluate.evaluate(model, sets["id"], {"k": train_only}, ["energy"], ood_split="train", limit=20)
+    assert r["settings"]["counts"]["k"] == 20
+    with pytest.raises(DataError, match=r"it has \['test', 'train'\]. To read another split, pass "
+                                        "--id_split=NAME, NAME one of them"):
+        evaluate.evaluate(model, sets["id"], {"k": train_only}, ["energy"], id_split="val")
 
 
 def test_cli_end_to_end(sets, tmp_path):
