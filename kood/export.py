@@ -52,7 +52,7 @@ import tensorflow as tf
 from kood.data import eval_dataset
 from kood.detectors import DETECTORS, make_detector
 from kood.errors import ConfigError, DataError, run_cli
-from kood.manifest import read_manifest, same_dataset
+from kood.manifest import ID_KINDS, read_manifest, same_dataset
 from kood.metrics import threshold_at_tpr
 from kood.progress import Progress
 from kood.rundir import CHECKPOINTS, resolve_model, run_finished, run_id_data, run_temperature
@@ -63,7 +63,6 @@ KERAS_FILE = "classifier.keras"
 SIGNATURE = "serving_default"
 OUTPUTS = ("logits", "probabilities", "score", "is_ood")
 HELD_OUT_SPLITS = ("val", "validation", "test")  # --calib_split=auto takes the first one present
-ID_KINDS = ("real", "synthetic")  # manifest kinds of ID data (as kood.run's --id_data)
 # relative margin above the k-th calibration score: ~100 float32 ulps, far above the noise between
 # batch sizes / kernels (~1e-6 relative), far below score differences that matter
 NOISE_MARGIN = 1e-5

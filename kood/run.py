@@ -23,7 +23,8 @@ import tensorflow as tf
 
 from kood import checkpoint, data, distribute, losses, metrics
 from kood.errors import ConfigError, DataError, check_output_dir
-from kood.manifest import fingerprint, json_text, read_json, read_manifest, read_manifest_of, write_text_atomic
+from kood.manifest import (ID_KINDS, fingerprint, json_text, read_json, read_manifest, read_manifest_of,
+                           same_dataset, write_text_atomic)
 from kood.methods import MethodConfig, method_config
 from kood.models import ARCHITECTURES, PRECISIONS, build_classifier, load_classifier, non_finite_weights
 from kood.summaries import NanGuard, RunProgbar, TensorBoardLogger
@@ -435,7 +436,7 @@ def run_training(cfg: RunConfig) -> dict:
     """
     mcfg = validate(cfg)
     manifest = read_manifest_of("--id_data=", cfg.id_data)
-    if manifest.kind not in ("real", "synthetic"):
+    if manifest.kind not in ID_KINDS:
         raise DataError(f"--id_data={cfg.id_data} holds a set of kind {manifest.kind!r} (its manifest.json); ID "
                         f"training data must be of kind 'real' (or 'synthetic')")
     if manifest.num_classes < 2:
@@ -455,6 +456,9 @@ def run_training(cfg: RunConfig) -> dict:
                                 f"{manifest.shape}; convert them to the same size (data_prep --image_size)")
     for name, directory in cfg.ood_data.items():
         ood_shape = read_manifest_of(f"--ood_data={name}=", directory).shape
+        if cfg.aux_data and mcfg.uses_aux and same_dataset(directory, cfg.aux_data):
+            print(f"warning: --ood_data={name}={directory} is the auxiliary training set (--aux_data): its "
+                  f"numbers will not be those of held-out OOD data", file=sys.stderr)
         if ood_shape != manifest.shape:
             raise DataError(f"--ood_data={name}={directory} holds {ood_shape} images, --id_data={cfg.id_data} holds "
                             f"{manifest.shape}; convert it to the same size (data_prep --image_size, --channels) or "

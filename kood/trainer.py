@@ -27,12 +27,17 @@ import keras
 import tensorflow as tf
 
 from kood import losses, sampling
+from kood.errors import ConfigError
 from kood.methods import MethodConfig
 from kood.models import model_precision, normalized_model
 from kood.models.layers import compute_dtype
 
 METRIC_NAMES = ("loss", "ce_loss", "energy_loss", "oe_loss", "grad_penalty", "accuracy", "weight_grad_norm",
                 "energy_id", "energy_aux", "grad_keep_id", "grad_keep_aux", "energy_active_id", "energy_active_aux")
+
+
+NOT_SAVED = ("An OODTrainer is not saved itself: save its classifier (trainer.classifier.save('model.keras')), "
+             "which holds every weight")
 
 
 class OODTrainer(keras.Model):
@@ -75,6 +80,13 @@ class OODTrainer(keras.Model):
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.classifier.trainable_variables)
 
+    # Keras would say "non-serializable argument values" (after creating the file); the classifier is the model.
+    def save(self, *args, **kwargs):
+        raise NotImplementedError(NOT_SAVED)
+
+    def get_config(self):
+        raise NotImplementedError(NOT_SAVED)
+
     @property
     def metrics(self):
         return list(self.trackers.values())
@@ -90,6 +102,11 @@ class OODTrainer(keras.Model):
 
         `replica` = (id, count) seeds the draw as that replica would (default: the current one).
         """
+        if pool.shape[0] is not None and pool.shape[0] < 2 * num_id:
+            raise ConfigError(f"GReg+ picks 2 x B = {2 * num_id} outliers from each auxiliary batch (the candidate "
+                              f"pool), which must hold aux_batch_size(B) = pool_factor x B = "
+                              f"{self.aux_batch_size(num_id)} images. Received: {pool.shape[0]} auxiliary images "
+                              f"for B = {num_id}")
         x = self.normalize(pool)
         if self.config.pool_dtype == self._compute_dtype:
             out = self.net(x, training=False)
@@ -149,6 +166,10 @@ class OODTrainer(keras.Model):
     def train_step(self, data):
         cfg = self.config
         x_id, y_id, x_aux = self._unpack(data)
+        if cfg.uses_aux and x_aux is None:  # kood.train refuses this too; the loss would drop terms silently
+            raise ConfigError(f"This method (score_loss={cfg.score_loss}, grad_weight={cfg.grad_weight}, sampler={cfg.sampler}) trains on auxiliary outliers, but the data "
+                              f"gives (x_id, y_id) batches: give ((x_id, y_id), x_aux) batches with "
+                              f"aux_batch_size(B) auxiliary images")
         if x_aux is not None and cfg.sampler == "energy_cluster":
             x_aux = tf.gather(x_aux, self.select_outliers(x_aux, int(x_id.shape[0])))
         num_replicas = _replica()[1]
@@ -162,7 +183,10 @@ class OODTrainer(keras.Model):
 
         num_id, cfg = terms["num_id"], self.config
         s_id, s_aux = terms["energies"][:num_id], terms["energies"][num_id:]
-        values = {k: terms[k] for k in ("loss", "ce_loss", "energy_loss", "oe_loss", "grad_penalty")}
+        # Terms the method does not have (always 0) stay out of the progress line and TensorBoard.
+        absent = {"energy_loss": cfg.score_loss != "energy" or x_aux is None,
+                  "oe_loss": cfg.score_loss != "oe" or x_aux is None, "grad_penalty": cfg.grad_weight == 0}
+        values = {k: terms[k] for k in ("loss", "ce_loss", "energy_loss", "oe_loss", "grad_penalty") if not absent.get(k)}
         values["accuracy"] = _accuracy(y_id, terms["logits"][:num_id])
         # Under R replicas: the norm of each replica's own (B / R batch) gradient, averaged over replicas.
         values["weight_grad_norm"] = tf.linalg.global_norm(grads) * num_replicas

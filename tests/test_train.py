@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from kood import losses, sampling
 from kood import run as run_lib
 from kood.errors import ConfigError, DataError
 from kood.methods import METHODS, method_config
@@ -65,8 +66,42 @@ def test_greg_plus_step_selects_twice_the_batch_from_the_pool():
     xa, _ = digits_arrays([5, 6, 7])
     trainer = OODTrainer(_classifier(), method_config("greg_plus", cluster_k=8, pool_factor=4))
     trainer.compile(optimizer=keras.optimizers.SGD(0.01))
-    idx = trainer.select_outliers(tf.constant(xa[:64], tf.float32), 16).numpy()
+    pool = tf.constant(xa[:64], tf.float32)
+    idx = trainer.select_outliers(pool, 16).numpy()
     assert idx.shape == (32,) and len(set(idx.tolist())) == 32 and idx.min() >= 0 and idx.max() < 64
+    # The picks are the sampler's on the pool's inference-mode features and energies, seeded by (seed, step).
+    out = trainer.net(trainer.normalize(pool), training=False)
+    expected = sampling.energy_cluster_sample(out["features"], losses.energy_score(out["logits"]), num_select=32,
+                                              num_clusters=8, two_way=True, seed=tf.constant([0, 0], tf.int64))
+    np.testing.assert_array_equal(idx, expected.numpy())
+
+
+def test_a_step_reports_only_the_loss_terms_its_method_has():
+    x, y = digits_arrays([0, 1, 2, 3, 4])
+    xa, _ = digits_arrays([5, 6, 7])
+    batch = (tf.constant(x[:8], tf.float32), tf.constant(y[:8]))
+    terms = {"energy_loss", "oe_loss", "grad_penalty"}
+    for method, has in (("ce", set()), ("oe", {"oe_loss"}), ("energy", {"energy_loss"}), ("oe_grad", {"oe_loss",
+                        "grad_penalty"}), ("greg", {"energy_loss", "grad_penalty"})):
+        trainer = OODTrainer(_classifier(), method_config(method))
+        trainer.compile(optimizer=keras.optimizers.SGD(0.01))
+        logs = trainer.train_step(batch if method == "ce" else (batch, tf.constant(xa[:8], tf.float32)))
+        assert terms & set(logs) == has and {"loss", "ce_loss", "accuracy"} <= set(logs), (method, sorted(logs))
+
+
+def test_the_trainer_refuses_data_its_method_cannot_use_and_says_what_to_save(tmp_path):
+    x, y = digits_arrays([0, 1, 2, 3, 4])
+    batch = (tf.constant(x[:8], tf.float32), tf.constant(y[:8]))
+    greg = OODTrainer(_classifier(), method_config("greg"))
+    greg.compile(optimizer=keras.optimizers.SGD(0.01))
+    with pytest.raises(ConfigError, match=r"trains on auxiliary outliers, but the data gives \(x_id, y_id\) batches"):
+        greg.train_step(batch)
+    greg_plus = OODTrainer(_classifier(), method_config("greg_plus"))
+    with pytest.raises(ConfigError, match=r"pool_factor x B = 48 images. Received: 8 auxiliary images for B = 8"):
+        greg_plus.select_outliers(batch[0], 8)
+    with pytest.raises(NotImplementedError, match=r"save its classifier"):
+        greg.save(str(tmp_path / "trainer.keras"))
+    assert not os.listdir(tmp_path)  # no half-written file
 
 
 def test_greg_plus_pool_forward_in_bfloat16_selects_like_float32_and_trains():
@@ -369,6 +404,14 @@ def test_resumed_run_must_keep_its_settings(digit_sets, tmp_path):
     run_lib.run_training(dataclasses.replace(cfg, method_overrides={"energy_weight": 0.1, "m_in": -25.0}))
     with pytest.raises(ConfigError, match="or rerun without --energy_weight to resume"):
         run_lib.run_training(dataclasses.replace(cfg, method_overrides={"energy_weight": 0.2}))
+
+
+def test_an_ood_set_that_is_the_auxiliary_set_is_named(digit_sets, tmp_path, capsys):
+    cfg = _config(digit_sets, str(tmp_path / "run"), ood_data={"aux": digit_sets["aux"]},
+                  init_checkpoint=str(tmp_path / "missing.keras"))  # stops right after the data checks
+    with pytest.raises(DataError, match="does not exist"):
+        run_lib.run_training(cfg)
+    assert f"warning: --ood_data=aux={digit_sets['aux']} is the auxiliary training set" in capsys.readouterr().err
 
 
 def test_a_resume_on_a_reconverted_data_set_is_refused(digit_sets, tmp_path):
