@@ -15,6 +15,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from typing import Iterator
 
@@ -214,6 +215,9 @@ def convert(source: str, out_dir: str, *, kind: str = "real", split: str | None 
     shape = prepare_image(first_image, image_size, resize, channels).shape
 
     largest = max(len(ix) for ix in selected.values())
+    if num_shards > largest:
+        print(f"note: --num_shards={num_shards} is more than the {largest} images of the largest split: writing "
+              f"{largest} shards of one image each", file=sys.stderr)
     jobs, plan = [], {}
     for out_split, indices in selected.items():
         n_shards = max(1, min(len(indices), round(num_shards * len(indices) / largest)))

@@ -65,6 +65,23 @@ class MethodConfig:
     def uses_aux(self) -> bool:
         return self.score_loss != "none" or self.grad_weight > 0 or self.sampler != "random"
 
+    def used(self) -> dict:
+        """The settings this configuration acts on (for display): e.g. no sampler settings for random sampling."""
+        unused = set()
+        if self.score_loss != "energy":
+            unused.add("energy_weight")
+        if self.score_loss != "oe":
+            unused.add("oe_weight")
+        if self.score_loss != "energy" and self.grad_weight == 0:
+            unused |= {"m_in", "m_out"}
+        if self.grad_weight == 0:
+            unused.add("grad_space")
+        if self.sampler != "energy_cluster":
+            unused |= {"cluster_k", "pool_factor", "two_way", "kmeans_iters", "pool_dtype"}
+        if self.sampler == "energy_cluster" or not self.uses_aux:
+            unused.add("aux_batch_factor")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused}
+
     def validate(self) -> None:
         def bad(flag, msg):
             raise ConfigError(f"--{flag}: {msg}. Received: {flag}={getattr(self, flag)!r}")

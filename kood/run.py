@@ -272,7 +272,7 @@ def _trained_with(init_checkpoint: str) -> str:
 
 def _describe(cfg: RunConfig, mcfg: MethodConfig, manifest, steps: int, aux_batch: int, epoch: int) -> str:
     """What is about to run, in two lines: the method's resolved flags, then model, data and schedule."""
-    settings = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(mcfg).items())
+    settings = ", ".join(f"{k}={v}" for k, v in mcfg.used().items())
     aux = f" + {aux_batch} auxiliary" if mcfg.uses_aux else ""
     if mcfg.uses_aux and mcfg.sampler == "energy_cluster":
         aux = f" + {2 * cfg.batch_size} auxiliary chosen from {aux_batch} candidates"
@@ -467,8 +467,6 @@ def run_training(cfg: RunConfig) -> dict:
         raise DataError(f"--ood_data is compared with a held-out ID split (test, else val), but --id_data="
                         f"{cfg.id_data} has only the splits {sorted(manifest.splits)}; add a test split (README, "
                         f"Workflow 1) or drop --ood_data")
-    if cfg.verbose:
-        print(_selection_note(cfg, manifest), file=sys.stderr)
     resumable = checkpoint.latest(os.path.join(cfg.model_dir, "ckpt")) is not None
     init = os.path.expanduser(cfg.init_checkpoint or "")
     if cfg.init_checkpoint and not resumable and not os.path.isfile(os.path.join(init, "best.keras")
@@ -531,7 +529,7 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
                                                     batch_size=trainer.aux_batch_size(cfg.batch_size))))[0]
         if cfg.verbose:
             print(_describe(cfg, mcfg, manifest, steps, trainer.aux_batch_size(cfg.batch_size), state["epoch"]),
-                  file=sys.stderr, flush=True)
+                  _selection_note(cfg, manifest), sep="\n", file=sys.stderr, flush=True)
         hparams = {"method": cfg.method, "arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr,
                    "batch_size": cfg.batch_size, "epochs": cfg.epochs, "sio_ratio": cfg.sio_ratio, "seed": cfg.seed,
                    "precision": cfg.precision, "replicas": strategy.num_replicas_in_sync, **dataclasses.asdict(mcfg)}

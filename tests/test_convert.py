@@ -86,6 +86,13 @@ def test_workers_write_the_same_bytes_as_one_process(tmp_path):
     assert one.mean == two.mean
 
 
+def test_more_shards_than_images_says_how_many_it_writes(tmp_path, capsys):
+    path, _ = dh.make_npy(tmp_path / "r.npy", n=5)
+    m = _convert(f"npy:{path}", tmp_path / "out", kind="outlier", num_shards=7)
+    assert len(m.splits["train"]["shards"]) == 5
+    assert "--num_shards=7 is more than the 5 images of the largest split: writing 5 shards" in capsys.readouterr().err
+
+
 def test_ood_kind_drops_labels_and_defaults_to_test(tmp_path):
     path, x, _ = dh.make_npz(tmp_path / "a.npz", n=6)
     m = _convert(f"npz:{path}", tmp_path / "out", kind="ood")

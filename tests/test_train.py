@@ -657,7 +657,9 @@ def test_progress_counts_the_whole_run_and_reports_validation(digit_sets, tmp_pa
                                  sio_ratio=0.75, syn_data=digit_sets["syn"]))
     captured = capsys.readouterr()
     out = captured.out
-    assert "method energy: score_loss=energy, energy_weight=0.1, oe_weight=" in captured.err
+    # The settings the method acts on: no oe_weight, sampler or gradient-space settings for energy.
+    assert ("method energy: score_loss=energy, energy_weight=0.1, m_in=-25.0, m_out=-7.0, grad_weight=0.0, "
+            "sampler=random, aux_batch_factor=1.0, temperature=1.0\n") in captured.err
     assert "small_cnn (float32) on 600 " in captured.err
     assert "3 steps/epoch x 3 epochs of 16 ID images (4 of them synthetic, 25%, from " in captured.err
     assert "+ 16 auxiliary" in captured.err
