@@ -381,7 +381,8 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
         batch = next(iter(_train_pipeline(cfg, name, trainer)))
         images_per_batch[name] = sum(int(t.shape[0]) for t in tf.nest.flatten(batch) if t.shape.rank == 4)
         fixed[name] = tf.data.Dataset.from_tensors(batch).repeat()
-        trainer.fit(fixed[name], epochs=1, steps_per_epoch=2, verbose=0)  # trace + compile
+        # shuffle=False: Keras cannot shuffle a Dataset and warns on its default shuffle=True
+        trainer.fit(fixed[name], epochs=1, steps_per_epoch=2, shuffle=False, verbose=0)  # trace + compile
         trainers[name] = trainer
     step_times = {n: [] for n in names}
     pipe_times = {n: [] for n in names}
@@ -390,7 +391,7 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
             order = names[rep % len(names):] + names[: rep % len(names)]
             for name in order:  # no input pipeline is alive here: its prefetch threads would share the CPU
                 start = time.perf_counter()
-                trainers[name].fit(fixed[name], epochs=1, steps_per_epoch=steps, verbose=0)
+                trainers[name].fit(fixed[name], epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
                 step_times[name].append((time.perf_counter() - start) / steps)
             for name in order:
                 # a fresh iterator, warmed by one batch (shuffle buffer filled), then pipeline_batches timed:

@@ -278,7 +278,7 @@ def train_dataset(directory: str, *, batch_size: int, split: str = "train", augm
 
     Example:
         ds, steps = train_dataset("data/cifar10", batch_size=128, syn_directory="data/syn", sio_ratio=0.8)
-        model.fit(ds, steps_per_epoch=steps, epochs=200)
+        model.fit(ds, steps_per_epoch=steps, epochs=200, shuffle=False)  # ds shuffles itself
     """
     _check_int("batch_size", batch_size)
     _check_int("pad", pad, minimum=0)

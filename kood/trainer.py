@@ -18,7 +18,7 @@ per-sample input-gradients carry 1/B, not R/B).
 Example:
     trainer = OODTrainer(classifier, method_config("greg"))
     trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
-    trainer.fit(tf.data.Dataset.zip((id_ds, aux_ds)), steps_per_epoch=100)
+    trainer.fit(tf.data.Dataset.zip((id_ds, aux_ds)), steps_per_epoch=100, shuffle=False)
 """
 
 from __future__ import annotations

@@ -205,6 +205,7 @@ def test_budget_scales_epochs_down_never_up(sets, tmp_path, monkeypatch):
     assert plan["pretrain_epochs"]["used"] == 1 and plan["finetune_epochs"]["used"] == 1 and not plan["fits"]
 
 
+@pytest.mark.filterwarnings("error:.*shuffle=True. was passed")  # Keras' warning for fit(Dataset) without shuffle=False
 def test_speed_writes_ratios_to_ce(sets, tmp_path):
     cfg = _cfg(sets, str(tmp_path / "speed"), methods=["greg"], detectors=[])
     speed = bench.run_speed(cfg, steps=2, reps=2, pipeline_batches=3)
