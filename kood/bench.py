@@ -46,7 +46,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-from kood import data, run  # noqa: E402
+from kood import checkpoint, data, run  # noqa: E402
 from kood.detectors.energy import energy_score  # noqa: E402
 from kood.errors import ConfigError, DataError, check_output_dir  # noqa: E402
 from kood.evaluate import evaluate, parse_detectors, parse_ood  # noqa: E402
@@ -624,14 +624,25 @@ def _evaluate_cell(cfg: BenchConfig, model_file: str, mcfg, detectors: list[str]
     return out, s
 
 
+def run_seconds(model_dir: str) -> float:
+    """A finished run's training time: its epochs' seconds summed, as its last checkpoint records them.
+
+    Each process records the epochs it trained, so a run resumed after a kill counts every
+    process (timing run_training here would count only the last). Not counted: model building,
+    checkpoint writing, evaluation, and a killed process's unfinished epoch (it is redone).
+    """
+    latest = checkpoint.latest(os.path.join(model_dir, "ckpt"))
+    state = read_json(os.path.join(latest, "state.json"), "checkpoint state")
+    return round(sum(record["seconds"] for record in state["history"]), 2)
+
+
 def _run_cell(cfg: BenchConfig, rc: RunConfig | None, directory: str, name: str, seed: int, signature: dict,
               model_file: str, detectors: list[str], train_seconds: float | None, sources: dict) -> dict:
     """Trains (rc given) and evaluates one cell, then writes scores.npz and bench_result.json."""
     if rc is not None:
-        start = time.time()
         _rebase_moved_run(cfg, rc)
         run.run_training(rc)
-        train_seconds = time.time() - start
+        train_seconds = run_seconds(rc.model_dir)
     base, _ = split_method(name)
     mcfg = method_config(base, **method_overrides(cfg, name))  # ce: margins only feed its energy statistics
     result, scores = _evaluate_cell(cfg, model_file, mcfg, detectors)
@@ -738,12 +749,11 @@ def _pretrain(cfg: BenchConfig, seed: int, epochs: int, label: str) -> tuple[str
             print(f"{label} ce pretrain seed {seed}: finished earlier, skipped", file=sys.stderr)
             return init_file(cfg, seed), done["train_seconds"]
     print(f"{label} ce pretrain seed {seed}: training {epochs} epochs ...", file=sys.stderr, flush=True)
-    start = time.time()
     _rebase_moved_run(cfg, rc)
     run.run_training(rc)
-    seconds = time.time() - start
+    seconds = run_seconds(rc.model_dir)
     write_text_atomic(marker, json.dumps({"settings": sig, "train_seconds": seconds}) + "\n")
-    print(f"{label} ce pretrain seed {seed}: done in {seconds:.0f} s", file=sys.stderr, flush=True)
+    print(f"{label} ce pretrain seed {seed}: done ({seconds:.0f} s of training epochs)", file=sys.stderr, flush=True)
     return init_file(cfg, seed), seconds
 
 
@@ -839,7 +849,9 @@ def markdown(report: dict) -> str:
              f"{report['convention']}.",
              f"Epochs: pretrain CE {plan['pretrain_epochs']['used']}, fine-tune {plan['finetune_epochs']['used']} "
              f"(lr {report['settings']['lr']} / {report['settings']['finetune_lr']}). "
-             "Fine-tuned rows' train time excludes the shared CE pretraining; ce rows show the pretraining time.",
+             "train s: the run's epochs summed (as its checkpoints record them, over every process of a resumed "
+             "run; model building, checkpoints and evaluation excluded). Fine-tuned rows' train time excludes the "
+             "shared CE pretraining; ce rows show the pretraining time.",
              f"Machine: {report['machine']}."]
     if plan["budget_minutes"] is not None:
         lines.append(budget_note(plan))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from kood import bench
+from kood import bench, checkpoint
 from kood.errors import ConfigError, DataError
 from kood.models import build_classifier
 from tests.data_helpers import make_kood_dataset
@@ -124,6 +124,36 @@ def test_rerun_skips_finished_cells_and_redoes_a_missing_one(report, monkeypatch
     bench.run_bench(cfg)
     assert trained == [gone]
     assert os.path.exists(os.path.join(gone, bench.RESULT_FILE))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_train_seconds_of_a_resumed_cell_count_every_process(sets, tmp_path, monkeypatch):
+    cfg = _cfg(sets, str(tmp_path / "out"), methods=["energy"], seeds=1, finetune_epochs=2, detectors=[])
+    real_save = checkpoint.save
+
+    def save_then_die(*args, **kwargs):  # a process killed right after its first epoch's checkpoint
+        real_save(*args, **kwargs)
+        raise _Killed()
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(_Killed):
+        bench.run_bench(cfg)
+    monkeypatch.undo()
+    ckpt = os.path.join(bench.cell_dir(cfg, "energy", 0), "ckpt")
+    state_file = os.path.join(checkpoint.latest(ckpt), "state.json")
+    state = json.load(open(state_file))
+    assert [r["epoch"] for r in state["history"]] == [1]
+    state["history"][0]["seconds"] = 1000.0  # the earlier process's epoch: far longer than this test runs
+    open(state_file, "w").write(json.dumps(state))
+    cell = bench.run_bench(cfg)["cells"][0]
+    history = json.load(open(os.path.join(checkpoint.latest(ckpt), "state.json")))["history"]
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert cell["train_seconds"] == pytest.approx(1000.0 + history[1]["seconds"])
+    row = next(line for line in open(os.path.join(cfg.output, "results.md")) if line.startswith("| energy |"))
+    assert row.rstrip().endswith(f"| {cell['train_seconds']:.0f} |")
 
 
 def test_rerun_with_other_settings_is_refused(report):
