@@ -14,7 +14,8 @@ fine-tuned from it with the same budget, and each model is scored with its train
 A rerun skips finished cells (paths inside `--output` are stored relative to it: a moved output
 resumes). It may report a subset of the OOD sets / detectors the cells were evaluated on (each
 cell records them under `evaluated_on`; averages are over the reported sets); asking for one a
-finished cell lacks is refused before any work, so earlier results are never replaced.
+finished cell lacks is refused before any work, so earlier results are never replaced; so is a
+changed training setting (e.g. `--lr`) of a run it would resume or reuse.
 
 Method names: any `kood.methods.METHODS` preset; `NAME+sio` = that method with SIO
 (`--sio_ratio` real fraction per batch, `--syn_data` images); `ce` = the pretrained CE model
@@ -554,6 +555,46 @@ def _rebase_moved_run(cfg: BenchConfig, rc: RunConfig) -> None:
         write_text_atomic(path, json.dumps(saved, indent=2))
 
 
+def _as_flag(field: str, value, name: str | None) -> str:
+    """A run setting as the kood.bench flag that sets it; `name`: the method, None for CE pretraining."""
+    if field == "method_overrides":  # one --method_flags entry per method
+        return (f"--method_flags={name}:" + ",".join(f"{k}={v}" for k, v in value.items()) if value
+                else f"no --method_flags for {name}")
+    flag = {"lr": "lr" if name is None else "finetune_lr",
+            "epochs": "pretrain_epochs" if name is None else "finetune_epochs"}.get(field, field)
+    if value is None:
+        return f"no --{flag}"
+    if isinstance(value, dict):  # arch_kwargs
+        value = ",".join(f"{k}={v}" for k, v in value.items())
+    return f"--{flag}={value}"
+
+
+def _changed_flags(diff: dict, name: str | None) -> str:
+    """`{run setting: (saved, now)}` as kood.bench flags: `--finetune_lr=0.01 (now --finetune_lr=0.5)`."""
+    return ", ".join(f"{_as_flag(k, saved, name)} (now {_as_flag(k, now, name)})" for k, (saved, now) in diff.items())
+
+
+def check_started_runs(cfg: BenchConfig, plan: dict) -> None:
+    """Refuses, before any work, settings that differ from those of a run this bench would resume or reuse.
+
+    kood.run refuses them too, but only when that run's turn comes, and in kood.train's flag names.
+    """
+    changed: dict[str, list[str]] = {}
+    for seed in range(cfg.seeds):
+        runs = [] if cfg.init_checkpoint else [(None, pretrain_config(cfg, seed, plan["pretrain_epochs"]["used"]))]
+        runs += [(name, run_config(cfg, name, seed, plan["finetune_epochs"]["used"], init_file(cfg, seed)))
+                 for name in cfg.methods if name != "ce"]
+        for name, rc in runs:
+            _rebase_moved_run(cfg, rc)  # a moved --output differs in its paths only
+            diff = run.settings_diff(rc)
+            if diff:
+                changed.setdefault(_changed_flags(diff, name), []).append(os.path.relpath(rc.model_dir, cfg.output))
+    if changed:
+        raise ConfigError(f"--output={cfg.output} holds runs started with other settings: "
+                          + "; ".join(f"{', '.join(dirs)} with {flags}" for flags, dirs in changed.items())
+                          + ". Use a new --output for these settings, or rerun with the saved ones to resume them.")
+
+
 def _finished(cfg: BenchConfig, directory: str, signature: dict, trained: bool = True) -> dict | None:
     """The cell's result if it finished with these settings, else None.
 
@@ -570,8 +611,8 @@ def _finished(cfg: BenchConfig, directory: str, signature: dict, trained: bool =
             return None
         old = result.get("settings") or {}
         diff = {k: (old.get(k), v) for k, v in signature.items() if old.get(k) != v}
-        raise ConfigError(f"{path} is a finished cell with other settings (saved vs now: {diff}); "
-                          "use a new --output to run a different bench")
+        raise ConfigError(f"{path} is a finished cell with other settings: "
+                          f"{_changed_flags(diff, result['method'])}; use a new --output to run a different bench")
     return result
 
 
@@ -967,6 +1008,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     if plan["budget_minutes"] is not None:
         print(budget_note(plan), file=sys.stderr, flush=True)
     sources = ood_sources(cfg)
+    check_started_runs(cfg, plan)
     finished = finished_cells(cfg, plan, sources)
     pre_epochs, fine_epochs = plan["pretrain_epochs"]["used"], plan["finetune_epochs"]["used"]
     per_seed = len(cfg.methods) + (0 if cfg.init_checkpoint else 1)

@@ -197,43 +197,59 @@ def _as_flags(diff: dict) -> str:
     return " and ".join(f"{word} {' '.join(flags)}" for word, flags in (("with", given), ("without", dropped)) if flags)
 
 
-def _check_model_dir(cfg: RunConfig, data: dict, write: bool = True) -> None:
-    """Compares the run's settings and training data with `config.json` (written by the chief only: `write`).
+def _locked(model_dir: str) -> bool:
+    """Settings are locked once the run has a checkpoint: a run that stopped before its first
+    checkpoint (a bad flag, a NaN in epoch 1) can be rerun with corrected settings."""
+    return (os.path.exists(os.path.join(model_dir, "config.json"))
+            and checkpoint.latest(os.path.join(model_dir, "ckpt")) is not None)
 
-    Settings are locked once the run has a checkpoint: a run that stopped before its first
-    checkpoint (a bad flag, a NaN in epoch 1) can be rerun with corrected settings. `data`:
-    flag -> `kood.manifest.fingerprint` of its set; a set reconverted under the same path stops a resume.
+
+def _saved_settings(model_dir: str) -> dict | None:
+    """The locked settings of the run in `model_dir` (defaults for settings added since), or None."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        return None
+    old = read_json(path, "run config")  # read even while unlocked: a corrupt file is named, not replaced
+    if not _locked(model_dir):
+        return None
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    return {**defaults, **old}
+
+
+def settings_diff(cfg: RunConfig) -> dict:
+    """`{setting: (saved, now)}` where `cfg` differs from the locked settings of the run in `cfg.model_dir`."""
+    saved = _saved_settings(cfg.model_dir)
+    if saved is None:
+        return {}
+    saved["method_overrides"] = _own_overrides(saved["method"], saved["method_overrides"])
+    sig = {**_run_signature(cfg), "method_overrides": _own_overrides(cfg.method, cfg.method_overrides)}
+    return {k: (saved.get(k), v) for k, v in sig.items() if not _same_setting(k, saved.get(k), v)}
+
+
+def _check_model_dir(cfg: RunConfig, data: dict, write: bool = True) -> None:
+    """Refuses settings or training data that differ from the run's locked ones; the chief (`write`)
+    stores them in `config.json` while nothing is trained yet (new settings replace older ones).
+
+    `data`: flag -> `kood.manifest.fingerprint` of its set; a set converted again under the same
+    path stops a resume.
     """
     check_output_dir(cfg.model_dir, "--model_dir")
-    if write:
+    saved = _saved_settings(cfg.model_dir) or {}
+    for flag, now in data.items():  # runs from before fingerprints were recorded have none
+        if saved.get("data_fingerprints", {}).get(flag, now) != now:
+            raise DataError(f"--{flag}={getattr(cfg, flag)} holds other records than when the run in "
+                            f"--model_dir={cfg.model_dir} started (the set was converted again: its manifest's "
+                            f"shards differ); its checkpoints continue only on the same data: use a new "
+                            f"--model_dir, or restore the data set")
+    diff = settings_diff(cfg)
+    if diff:
+        raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with other settings "
+                          f"(saved vs now: {diff}); use a new --model_dir to start another run, or rerun "
+                          f"{_as_flags(diff)} to resume this one")
+    if write and not _locked(cfg.model_dir):
         os.makedirs(cfg.model_dir, exist_ok=True)
-    path = os.path.join(cfg.model_dir, "config.json")
-    sig = {**_run_signature(cfg), "data_fingerprints": data}
-    if os.path.exists(path):
-        old = read_json(path, "run config")
-        if not checkpoint.latest(os.path.join(cfg.model_dir, "ckpt")):
-            old = sig  # nothing trained yet under the old settings: the new ones replace them
-            if write:
-                write_text_atomic(path, json.dumps(sig, indent=2))
-        # A setting added after the run started is compared with its default.
-        defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
-        saved = {**defaults, **old}
-        for flag, now in data.items():  # runs from before fingerprints were recorded have none
-            if saved.get("data_fingerprints", {}).get(flag, now) != now:
-                raise DataError(f"--{flag}={getattr(cfg, flag)} holds other records than when the run in "
-                                f"--model_dir={cfg.model_dir} started (the set was converted again: its manifest's "
-                                f"shards differ); its checkpoints continue only on the same data: use a new "
-                                f"--model_dir, or restore the data set")
-        saved["method_overrides"] = _own_overrides(saved["method"], saved["method_overrides"])
-        sig = {**sig, "method_overrides": _own_overrides(cfg.method, cfg.method_overrides)}
-        sig.pop("data_fingerprints")
-        diff = {k: (saved.get(k), v) for k, v in sig.items() if not _same_setting(k, saved.get(k), v)}
-        if diff:
-            raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with other settings "
-                              f"(saved vs now: {diff}); use a new --model_dir to start another run, or rerun "
-                              f"{_as_flags(diff)} to resume this one")
-    elif write:
-        write_text_atomic(path, json.dumps(sig, indent=2))
+        write_text_atomic(os.path.join(cfg.model_dir, "config.json"),
+                          json.dumps({**_run_signature(cfg), "data_fingerprints": data}, indent=2))
 
 
 def _build_classifier(cfg: RunConfig, manifest, resuming: bool = False) -> keras.Model:

@@ -160,8 +160,29 @@ def test_rerun_with_other_settings_is_refused(report):
     cfg, _ = report
     changed = _cfg({"id": cfg.id_data, "aux": cfg.aux_data, "syn": cfg.syn_data, "ood": cfg.ood["d89"],
                     "init": cfg.init_checkpoint}, cfg.output, finetune_lr=0.5)
-    with pytest.raises(ConfigError, match="finished cell with other settings.*'lr'"):
+    before = _mtimes(cfg.output)
+    with pytest.raises(ConfigError, match=r"runs/greg\+sio/seed-0, runs/greg\+sio/seed-1 with --finetune_lr=0.01 "
+                                          r"\(now --finetune_lr=0.5\)\. Use a new --output"):
         bench.run_bench(changed)
+    assert _mtimes(cfg.output) == before
+
+
+def test_changed_settings_of_started_runs_are_refused_before_any_work(sets, tmp_path, monkeypatch, capsys):
+    cfg = _cfg(sets, str(tmp_path / "out"), methods=["ce", "energy"], seeds=1, init_checkpoint=None,
+               pretrain_epochs=1, detectors=[])
+    bench.run_bench(cfg)
+    monkeypatch.setattr(bench.run, "run_training", lambda rc: pytest.fail(f"trained {rc.model_dir}"))
+    before = _mtimes(cfg.output)
+    capsys.readouterr()
+    changed = bench.BenchConfig(**{**vars(cfg), "lr": 0.5, "method_flags": {"energy": {"m_in": -9.0}}})
+    with pytest.raises(ConfigError) as e:
+        bench.run_bench(changed)
+    message = str(e.value)
+    assert "pretrain/seed-0 with --lr=0.1 (now --lr=0.5)" in message
+    assert "runs/energy/seed-0 with no --method_flags for energy (now --method_flags=energy:m_in=-9.0)" in message
+    assert "Use a new --output" in message and "model_dir" not in message
+    assert "[1/" not in capsys.readouterr().err  # refused before the first cell started
+    assert _mtimes(cfg.output) == before
 
 
 @pytest.mark.parametrize("change, error, match", [
@@ -392,7 +413,7 @@ def test_ce_cell_is_reevaluated_when_its_settings_change(report):
     path = os.path.join(bench.cell_dir(cfg, "ce", 0), bench.RESULT_FILE)
     before = os.stat(path).st_mtime_ns
     changed = bench.BenchConfig(**{**vars(cfg), "method_flags": {"*": {"m_in": -9.0, "m_out": -2.0}}})
-    with pytest.raises(ConfigError, match="finished cell with other settings"):
+    with pytest.raises(ConfigError, match=r"no --method_flags for greg\+sio \(now --method_flags=greg\+sio:m_in=-9.0,"):
         bench.run_bench(changed)  # the trained greg+sio cell was trained with other margins
     assert os.stat(path).st_mtime_ns == before  # refused before any work
     changed.methods = ["ce"]
