@@ -51,7 +51,7 @@ from kood import checkpoint, data, run  # noqa: E402
 from kood.detectors.energy import energy_score  # noqa: E402
 from kood.errors import ConfigError, DataError, check_output_dir  # noqa: E402
 from kood.evaluate import evaluate, parse_detectors, parse_ood  # noqa: E402
-from kood.manifest import json_text, read_json, read_manifest, read_manifest_of, write_text_atomic  # noqa: E402
+from kood.manifest import ID_KINDS, json_text, read_json, read_manifest, read_manifest_of, write_text_atomic  # noqa: E402
 from kood.methods import METHODS, method_config  # noqa: E402
 from kood.models import PRECISIONS, build_classifier, load_classifier  # noqa: E402
 from kood.progress import Progress  # noqa: E402
@@ -248,7 +248,7 @@ def check_data(cfg: BenchConfig) -> None:
         DataError naming the flag and directory.
     """
     id_m = read_manifest_of("--id_data=", cfg.id_data)
-    if id_m.kind not in ("real", "synthetic") or id_m.num_classes < 2:
+    if id_m.kind not in ID_KINDS or id_m.num_classes < 2:
         raise DataError(f"--id_data={cfg.id_data}: the ID set must be a labelled 'real' (or 'synthetic') set with "
                         ">= 2 classes. "
                         f"Received: kind={id_m.kind!r}, num_classes={id_m.num_classes}")

@@ -167,9 +167,9 @@ class OODTrainer(keras.Model):
         cfg = self.config
         x_id, y_id, x_aux = self._unpack(data)
         if cfg.uses_aux and x_aux is None:  # kood.train refuses this too; the loss would drop terms silently
-            raise ConfigError(f"This method (score_loss={cfg.score_loss}, grad_weight={cfg.grad_weight}, sampler={cfg.sampler}) trains on auxiliary outliers, but the data "
-                              f"gives (x_id, y_id) batches: give ((x_id, y_id), x_aux) batches with "
-                              f"aux_batch_size(B) auxiliary images")
+            raise ConfigError(f"This method (score_loss={cfg.score_loss}, grad_weight={cfg.grad_weight}, "
+                              f"sampler={cfg.sampler}) trains on auxiliary outliers, but the data gives (x_id, y_id) "
+                              f"batches: give ((x_id, y_id), x_aux) batches with aux_batch_size(B) auxiliary images")
         if x_aux is not None and cfg.sampler == "energy_cluster":
             x_aux = tf.gather(x_aux, self.select_outliers(x_aux, int(x_id.shape[0])))
         num_replicas = _replica()[1]

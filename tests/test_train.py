@@ -56,7 +56,7 @@ def test_every_method_lowers_its_loss(method):
     fixed_aux = pool[:2 * b] if trainer.config.sampler == "energy_cluster" else pool
     before = float(trainer.compute_losses(x_id, y_id, fixed_aux, training=False)["loss"])
     batch = ((x_id, y_id), pool) if trainer.config.uses_aux else (x_id, y_id)
-    trainer.fit(tf.data.Dataset.from_tensors(batch).repeat(), steps_per_epoch=25, epochs=1, verbose=0)
+    trainer.fit(tf.data.Dataset.from_tensors(batch).repeat(), steps_per_epoch=25, epochs=1, verbose=0, shuffle=False)
     after = float(trainer.compute_losses(x_id, y_id, fixed_aux, training=False)["loss"])
     assert np.isfinite(after)
     assert after < 0.8 * before, (method, before, after)
@@ -126,7 +126,7 @@ def test_greg_plus_pool_forward_in_bfloat16_selects_like_float32_and_trains():
     assert len(picks["bfloat16"] & picks["float32"]) >= 0.75 * 2 * b
     assert all(layer.dtype_policy.name == "float32" for layer in classifier.layers)  # restored
     trainer.fit(tf.data.Dataset.from_tensors(((tf.constant(x[:b], tf.float32), tf.constant(y[:b])), pool)).repeat(),
-                steps_per_epoch=2, epochs=1, verbose=0)
+                steps_per_epoch=2, epochs=1, verbose=0, shuffle=False)
     assert classifier.get_layer("classifier").kernel.dtype == "float32"
     assert all(np.isfinite(v.numpy()).all() for v in classifier.weights)
 
@@ -162,7 +162,8 @@ def test_mixed_bfloat16_greg_plus_matches_float32_and_trains():
     assert len(set(bf16.select_outliers(pool, b).numpy().tolist()) & set(picks["float32"].tolist())) >= 0.75 * 2 * b
     trainer = trainers["mixed"]
     before = float(trainer.compute_losses(x_id, y_id, aux, training=False)["loss"])
-    trainer.fit(tf.data.Dataset.from_tensors(((x_id, y_id), pool)).repeat(), steps_per_epoch=25, epochs=1, verbose=0)
+    trainer.fit(tf.data.Dataset.from_tensors(((x_id, y_id), pool)).repeat(), steps_per_epoch=25, epochs=1, verbose=0,
+                shuffle=False)
     after = float(trainer.compute_losses(x_id, y_id, aux, training=False)["loss"])
     assert after < 0.8 * before, (before, after)
     assert all(v.dtype == "float32" and np.isfinite(v.numpy()).all() for v in mixed.weights)
@@ -529,7 +530,8 @@ def test_init_checkpoint_may_be_a_run_dir_and_a_mismatch_names_the_run_s_archite
         run_lib.run_training(cfg)
     cfg = dataclasses.replace(cfg, arch_kwargs={"width": 4})
     model = run_lib._build_classifier(cfg, run_lib.read_manifest(cfg.id_data))
-    for a, b in zip(model.get_weights(), keras.models.load_model(os.path.join(ce.model_dir, "best.keras")).get_weights()):
+    ce_weights = keras.models.load_model(os.path.join(ce.model_dir, "best.keras")).get_weights()
+    for a, b in zip(model.get_weights(), ce_weights):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(DataError, match="is a directory without best.keras"):
         run_lib.run_training(dataclasses.replace(cfg, init_checkpoint=str(tmp_path), model_dir=str(tmp_path / "r2")))
