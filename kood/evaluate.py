@@ -342,7 +342,8 @@ def define_flags() -> None:
                         "svhn=data/svhn,textures=data/dtd.")
     flags.DEFINE_alias("ood_data", "ood")  # kood.train's name for the same thing
     flags.DEFINE_string("detectors", "energy,msp", f"Comma-separated detectors. Known: {','.join(DETECTORS)}.")
-    flags.DEFINE_string("output", None, "Required. Output directory for results.{json,csv,md} and tensorboard/.")
+    flags.DEFINE_string("output", None, "Required. Output directory for results.{json,csv,md} and tensorboard/ "
+                        "(an earlier evaluation there is replaced).")
     flags.DEFINE_string("fit_data", None, "ID data for detectors that need fitting (knn, react, vim, ...); "
                         "default: --id_data.")
     flags.DEFINE_string("fit_split", "train", "Split of --fit_data.")
