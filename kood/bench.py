@@ -531,7 +531,14 @@ def _normalised(cfg: BenchConfig, sig):
 def _signature(cfg: BenchConfig, rc: RunConfig) -> dict:
     """The run settings a finished cell must match (JSON-normalised, as stored)."""
     sig = {k: v for k, v in dataclasses.asdict(rc).items() if k not in ("verbose", "log_every", "ood_data")}
-    return _normalised(cfg, json.loads(json.dumps(sig)))
+    return _effective(_normalised(cfg, json.loads(json.dumps(sig))))
+
+
+def _effective(sig):
+    """A signature whose method flags given with the preset's own value are dropped (the same training)."""
+    if isinstance(sig, dict) and "method" in sig and "method_overrides" in sig:
+        return {**sig, "method_overrides": run.effective_overrides(sig["method"], sig["method_overrides"])}
+    return sig
 
 
 def _rebase_moved_run(cfg: BenchConfig, rc: RunConfig) -> None:
@@ -605,7 +612,7 @@ def _finished(cfg: BenchConfig, directory: str, signature: dict, trained: bool =
     if not os.path.exists(path):
         return None
     result = read_json(path, "bench cell result")
-    result["settings"] = _normalised(cfg, result.get("settings"))
+    result["settings"] = _effective(_normalised(cfg, result.get("settings")))
     if result["settings"] != signature:
         if not trained:
             return None
@@ -786,7 +793,7 @@ def _pretrain(cfg: BenchConfig, seed: int, epochs: int, label: str) -> tuple[str
     sig = _signature(cfg, rc)
     if os.path.exists(marker):
         done = read_json(marker, "pretraining marker")
-        if _normalised(cfg, done["settings"]) == sig:
+        if _effective(_normalised(cfg, done["settings"])) == sig:
             print(f"{label} ce pretrain seed {seed}: finished earlier, skipped", file=sys.stderr)
             return init_file(cfg, seed), done["train_seconds"]
     print(f"{label} ce pretrain seed {seed}: training {epochs} epochs ...", file=sys.stderr, flush=True)

@@ -164,7 +164,7 @@ def _run_signature(cfg: RunConfig) -> dict:
     return sig
 
 
-def _own_overrides(method: str, overrides: dict | None) -> dict:
+def effective_overrides(method: str, overrides: dict | None) -> dict:
     """The method flags that differ from `method`'s preset: `--method=greg --grad_weight=1` is plain greg."""
     try:
         preset = dataclasses.asdict(method_config(method))
@@ -174,9 +174,14 @@ def _own_overrides(method: str, overrides: dict | None) -> dict:
 
 
 def _same_setting(name: str, saved, now) -> bool:
-    """Equal settings; paths are equal when they name the same file (`data/x/`, `./data/x`, absolute)."""
+    """Equal settings; paths are equal when they name the same file (`data/x/`, `./data/x`, absolute;
+    an --init_checkpoint run dir and its best.keras)."""
     if name in PATH_SETTINGS and saved and now:
-        return os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(os.path.expanduser(now))
+        def resolved(path: str) -> str:
+            path = os.path.realpath(os.path.expanduser(path))
+            return os.path.join(path, "best.keras") if name == "init_checkpoint" and os.path.isdir(path) else path
+
+        return resolved(saved) == resolved(now)
     return saved == now
 
 
@@ -221,8 +226,8 @@ def settings_diff(cfg: RunConfig) -> dict:
     saved = _saved_settings(cfg.model_dir)
     if saved is None:
         return {}
-    saved["method_overrides"] = _own_overrides(saved["method"], saved["method_overrides"])
-    sig = {**_run_signature(cfg), "method_overrides": _own_overrides(cfg.method, cfg.method_overrides)}
+    saved["method_overrides"] = effective_overrides(saved["method"], saved["method_overrides"])
+    sig = {**_run_signature(cfg), "method_overrides": effective_overrides(cfg.method, cfg.method_overrides)}
     return {k: (saved.get(k), v) for k, v in sig.items() if not _same_setting(k, saved.get(k), v)}
 
 

@@ -104,9 +104,9 @@ class OODTrainer(keras.Model):
         """
         if pool.shape[0] is not None and pool.shape[0] < 2 * num_id:
             raise ConfigError(f"GReg+ picks 2 x B = {2 * num_id} outliers from each auxiliary batch (the candidate "
-                              f"pool), which must hold aux_batch_size(B) = pool_factor x B = "
-                              f"{self.aux_batch_size(num_id)} images. Received: {pool.shape[0]} auxiliary images "
-                              f"for B = {num_id}")
+                              f"pool), so the batch needs more images than that: aux_batch_size(B) = pool_factor x B "
+                              f"= {self.aux_batch_size(num_id)}, as kood.train gives it. Received: {pool.shape[0]} "
+                              f"auxiliary images for B = {num_id}")
         x = self.normalize(pool)
         if self.config.pool_dtype == self._compute_dtype:
             out = self.net(x, training=False)
@@ -171,6 +171,10 @@ class OODTrainer(keras.Model):
                               f"sampler={cfg.sampler}) trains on auxiliary outliers, but the data gives (x_id, y_id) "
                               f"batches: give ((x_id, y_id), x_aux) batches with aux_batch_size(B) auxiliary images")
         if x_aux is not None and cfg.sampler == "energy_cluster":
+            if x_id.shape[0] is None:  # the sampler's cluster and pick counts are static
+                raise ConfigError("GReg+ sampling needs batches of a fixed size: batch the ID and auxiliary "
+                                  "datasets with drop_remainder=True. Received: ID batch shape "
+                                  f"{tuple(x_id.shape)}")
             x_aux = tf.gather(x_aux, self.select_outliers(x_aux, int(x_id.shape[0])))
         num_replicas = _replica()[1]
         with tf.GradientTape() as tape:
@@ -192,11 +196,13 @@ class OODTrainer(keras.Model):
         values["weight_grad_norm"] = tf.linalg.global_norm(grads) * num_replicas
         values["energy_id"] = tf.reduce_mean(s_id)
         if cfg.uses_aux and x_aux is not None:
-            active_id, active_aux = losses.energy_loss_masks(s_id, s_aux, cfg.m_in, cfg.m_out)
-            keep_id, keep_aux = losses.greg_masks(s_id, s_aux, cfg.m_in, cfg.m_out)
-            values.update(energy_aux=tf.reduce_mean(s_aux),
-                          energy_active_id=_fraction(active_id), energy_active_aux=_fraction(active_aux),
-                          grad_keep_id=_fraction(keep_id), grad_keep_aux=_fraction(keep_aux))
+            values["energy_aux"] = tf.reduce_mean(s_aux)
+            if cfg.score_loss == "energy":  # the mask fractions of the margins the method uses
+                active_id, active_aux = losses.energy_loss_masks(s_id, s_aux, cfg.m_in, cfg.m_out)
+                values.update(energy_active_id=_fraction(active_id), energy_active_aux=_fraction(active_aux))
+            if cfg.grad_weight > 0:
+                keep_id, keep_aux = losses.greg_masks(s_id, s_aux, cfg.m_in, cfg.m_out)
+                values.update(grad_keep_id=_fraction(keep_id), grad_keep_aux=_fraction(keep_aux))
         for name, value in values.items():
             self.trackers[name].update_state(value)
         return _step_outputs({name: self.trackers[name].result() for name in values})

@@ -167,7 +167,8 @@ def explain_read_error(error: BaseException, directories: Iterable[str | None]) 
     text = str(getattr(error, "message", error))
     # TF's own words ("corrupted record at 499156") sit inside graph/op decorations: keep just them.
     found = re.search(r"(corrupted|truncated) record at \d+|expected to contain \d+ elements but contained only "
-                      r"\d+ elements|[^.\n]*less bytes than requested", text)
+                      r"\d+ elements|[^.\n]*less bytes than requested|label out of range \[0, \d+\)|raw image "
+                      r"record of the wrong size", text)
     tf_message = found.group(0).strip() if found else (text.strip().splitlines() or ["?"])[0]
     directories = list(dict.fromkeys(d for d in directories if d))
     for directory in directories:

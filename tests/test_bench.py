@@ -183,6 +183,11 @@ def test_changed_settings_of_started_runs_are_refused_before_any_work(sets, tmp_
     assert "Use a new --output" in message and "model_dir" not in message
     assert "[1/" not in capsys.readouterr().err  # refused before the first cell started
     assert _mtimes(cfg.output) == before
+    # A method flag with the preset's own value is the same training: the trained cell is skipped (run_training
+    # fails this test if called), its result kept.
+    result = os.path.join(bench.cell_dir(cfg, "energy", 0), bench.RESULT_FILE)
+    bench.run_bench(bench.BenchConfig(**{**vars(cfg), "method_flags": {"*": {"m_in": -25.0}}}))
+    assert os.stat(result).st_mtime_ns == before[result]
 
 
 @pytest.mark.parametrize("change, error, match", [
