@@ -28,17 +28,9 @@ if TYPE_CHECKING:
 
 
 def load_model(model_path: str) -> keras.Model:
-    """Loads a classifier: kood.models.load_classifier when available; the same contract otherwise (design.md)."""
-    try:
-        from kood.models import load_classifier
-    except ImportError:  # kood.models lands separately; its contract is a .keras file or a dir with best.keras
-        import keras
+    """Loads a classifier: a `.keras` file or a model dir with `best.keras` (kood.models.load_classifier)."""
+    from kood.models import load_classifier
 
-        def load_classifier(path):
-            file = os.path.join(path, "best.keras") if os.path.isdir(path) else path
-            if not os.path.isfile(file):
-                raise DataError(f"{path}: no such model file (expected a .keras file or a model dir with best.keras)")
-            return keras.models.load_model(file, compile=False)
     return load_classifier(model_path)
 
 

@@ -26,7 +26,8 @@ from kood.errors import ConfigError, DataError, check_output_dir
 from kood.manifest import (ID_KINDS, fingerprint, json_text, read_json, read_manifest, read_manifest_of,
                            same_dataset, write_text_atomic)
 from kood.methods import MethodConfig, method_config
-from kood.models import ARCHITECTURES, PRECISIONS, build_classifier, load_classifier, non_finite_weights
+from kood.models import (ARCHITECTURES, PRECISIONS, build_classifier, classifier_file, load_classifier,
+                         non_finite_weights)
 from kood.summaries import NanGuard, RunProgbar, TensorBoardLogger
 from kood.trainer import OODTrainer
 
@@ -177,11 +178,8 @@ def _same_setting(name: str, saved, now) -> bool:
     """Equal settings; paths are equal when they name the same file (`data/x/`, `./data/x`, absolute;
     an --init_checkpoint run dir and its best.keras)."""
     if name in PATH_SETTINGS and saved and now:
-        def resolved(path: str) -> str:
-            path = os.path.realpath(os.path.expanduser(path))
-            return os.path.join(path, "best.keras") if name == "init_checkpoint" and os.path.isdir(path) else path
-
-        return resolved(saved) == resolved(now)
+        resolved = classifier_file if name == "init_checkpoint" else os.path.expanduser
+        return os.path.realpath(resolved(saved)) == os.path.realpath(resolved(now))
     return saved == now
 
 
@@ -221,12 +219,13 @@ def _saved_settings(model_dir: str) -> dict | None:
     return {**defaults, **old}
 
 
-def settings_diff(cfg: RunConfig) -> dict:
-    """`{setting: (saved, now)}` where `cfg` differs from the locked settings of the run in `cfg.model_dir`."""
-    saved = _saved_settings(cfg.model_dir)
+def settings_diff(cfg: RunConfig, saved: dict | None = None) -> dict:
+    """`{setting: (saved, now)}` where `cfg` differs from the locked settings of the run in `cfg.model_dir`
+    (`saved`: those settings if already read)."""
+    saved = saved or _saved_settings(cfg.model_dir)
     if saved is None:
         return {}
-    saved["method_overrides"] = effective_overrides(saved["method"], saved["method_overrides"])
+    saved = {**saved, "method_overrides": effective_overrides(saved["method"], saved["method_overrides"])}
     sig = {**_run_signature(cfg), "method_overrides": effective_overrides(cfg.method, cfg.method_overrides)}
     return {k: (saved.get(k), v) for k, v in sig.items() if not _same_setting(k, saved.get(k), v)}
 
@@ -239,14 +238,14 @@ def _check_model_dir(cfg: RunConfig, data: dict, write: bool = True) -> None:
     path stops a resume.
     """
     check_output_dir(cfg.model_dir, "--model_dir")
-    saved = _saved_settings(cfg.model_dir) or {}
+    saved = _saved_settings(cfg.model_dir)
     for flag, now in data.items():  # runs from before fingerprints were recorded have none
-        if saved.get("data_fingerprints", {}).get(flag, now) != now:
+        if (saved or {}).get("data_fingerprints", {}).get(flag, now) != now:
             raise DataError(f"--{flag}={getattr(cfg, flag)} holds other records than when the run in "
                             f"--model_dir={cfg.model_dir} started (the set was converted again: its manifest's "
                             f"shards differ); its checkpoints continue only on the same data: use a new "
                             f"--model_dir, or restore the data set")
-    diff = settings_diff(cfg)
+    diff = settings_diff(cfg, saved)
     if diff:
         raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with other settings "
                           f"(saved vs now: {diff}); use a new --model_dir to start another run, or rerun "
@@ -489,10 +488,8 @@ def run_training(cfg: RunConfig) -> dict:
                         f"{cfg.id_data} has only the splits {sorted(manifest.splits)}; add a test split (README, "
                         f"Workflow 1) or drop --ood_data")
     resumable = checkpoint.latest(os.path.join(cfg.model_dir, "ckpt")) is not None
-    init = os.path.expanduser(cfg.init_checkpoint or "")
-    if cfg.init_checkpoint and not resumable and not os.path.isfile(os.path.join(init, "best.keras")
-                                                                    if os.path.isdir(init) else init):
-        found = f"is a directory without best.keras" if os.path.isdir(init) else "does not exist"
+    if cfg.init_checkpoint and not resumable and not os.path.isfile(classifier_file(cfg.init_checkpoint)):
+        found = "is a directory without best.keras" if os.path.isdir(cfg.init_checkpoint) else "does not exist"
         raise DataError(f"--init_checkpoint={cfg.init_checkpoint} {found} (expected a .keras file or a run's "
                         "--model_dir, e.g. a CE run's best.keras)")
 

@@ -159,6 +159,12 @@ def non_finite_weights(model: keras.Model) -> list[str]:
     return [w.path for w in model.weights if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
 
 
+def classifier_file(path: str) -> str:
+    """The `.keras` file a classifier path names: a run dir's `best.keras`, else `path` itself."""
+    path = os.path.expanduser(path)
+    return os.path.join(path, "best.keras") if os.path.isdir(path) else path
+
+
 def load_classifier(path: str) -> keras.Model:
     """Loads a classifier from a `.keras` file or a model dir (its `best.keras`), strictly.
 
@@ -171,7 +177,7 @@ def load_classifier(path: str) -> keras.Model:
     Example:
         model = load_classifier("kood_runs/demo")
     """
-    file = os.path.join(path, "best.keras") if os.path.isdir(path) else path
+    file = classifier_file(path)
     if not os.path.isfile(file):
         where = f"model dir {path} has no best.keras" if os.path.isdir(path) else f"{path} does not exist"
         raise DataError(f"Cannot load a classifier: {where}. Received: path={path!r}")
