@@ -234,23 +234,28 @@ def _check_model_dir(cfg: RunConfig, data: dict, write: bool = True) -> None:
     """Refuses settings or training data that differ from the run's locked ones; the chief (`write`)
     stores them in `config.json` while nothing is trained yet (new settings replace older ones).
 
-    `data`: flag -> `kood.manifest.fingerprint` of its set; a set converted again under the same
-    path stops a resume.
+    `data`: flag -> `kood.manifest.fingerprint` of its set. A set converted again under the same
+    path stops a resume; the same records at another path (a copy, a moved set) continue it.
     """
     check_output_dir(cfg.model_dir, "--model_dir")
     saved = _saved_settings(cfg.model_dir)
-    for flag, now in data.items():  # runs from before fingerprints were recorded have none
-        if (saved or {}).get("data_fingerprints", {}).get(flag, now) != now:
+    prints = (saved or {}).get("data_fingerprints", {})  # runs from before fingerprints were recorded have none
+    diff = settings_diff(cfg, saved)
+    moved = [flag for flag in data if flag in diff and prints.get(flag) == data[flag]]
+    for flag in moved:
+        print(f"note: --{flag}={getattr(cfg, flag)} holds the same records as the run's {diff.pop(flag)[0]}: "
+              f"continuing on it", file=sys.stderr)
+    for flag, now in data.items():
+        if flag not in diff and prints.get(flag, now) != now:
             raise DataError(f"--{flag}={getattr(cfg, flag)} holds other records than when the run in "
                             f"--model_dir={cfg.model_dir} started (the set was converted again: its manifest's "
                             f"shards differ); its checkpoints continue only on the same data: use a new "
                             f"--model_dir, or restore the data set")
-    diff = settings_diff(cfg, saved)
     if diff:
         raise ConfigError(f"--model_dir={cfg.model_dir} holds a run with other settings "
                           f"(saved vs now: {diff}); use a new --model_dir to start another run, or rerun "
                           f"{_as_flags(diff)} to resume this one")
-    if write and not _locked(cfg.model_dir):
+    if write and (moved or not _locked(cfg.model_dir)):  # evaluate/export then read the set's new path
         os.makedirs(cfg.model_dir, exist_ok=True)
         write_text_atomic(os.path.join(cfg.model_dir, "config.json"),
                           json.dumps({**_run_signature(cfg), "data_fingerprints": data}, indent=2))

@@ -424,11 +424,12 @@ def test_an_ood_set_that_is_the_auxiliary_set_is_named(digit_sets, tmp_path, cap
     assert f"warning: --ood_data=aux={digit_sets['aux']} is the auxiliary training set" in capsys.readouterr().err
 
 
-def test_a_resume_on_a_reconverted_data_set_is_refused(digit_sets, tmp_path):
+def test_a_resume_on_a_reconverted_data_set_is_refused_and_on_a_copy_continues(digit_sets, tmp_path):
     import shutil
 
-    id_data = str(tmp_path / "id")
+    id_data, copy = str(tmp_path / "id"), str(tmp_path / "copy")
     shutil.copytree(digit_sets["id"], id_data)
+    shutil.copytree(digit_sets["id"], copy)
     cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1, id_data=id_data)
     run_lib.run_training(cfg)
     run_lib.run_training(cfg)  # the same records: resumes (here: already finished)
@@ -437,6 +438,11 @@ def test_a_resume_on_a_reconverted_data_set_is_refused(digit_sets, tmp_path):
     write_arrays(id_data, {"train": (x[:500], y[:500]), "test": (x[600:], y[600:])}, num_classes=5)
     with pytest.raises(DataError, match=r"--id_data=.* holds other records than when the run .* started"):
         run_lib.run_training(cfg)
+    # The same records at another path (a moved set) continue the run there; evaluate/export follow.
+    run_lib.run_training(dataclasses.replace(cfg, id_data=copy))
+    assert json.load(open(os.path.join(cfg.model_dir, "config.json")))["id_data"] == copy
+    with pytest.raises(ConfigError, match="rerun with --id_data="):  # other records at another path: a new setting
+        run_lib.run_training(dataclasses.replace(cfg, id_data=digit_sets["syn"], ood_data={}))
 
 
 def test_run_stopped_before_its_first_checkpoint_takes_corrected_settings(digit_sets, tmp_path):
