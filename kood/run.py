@@ -24,7 +24,7 @@ import tensorflow as tf
 from kood import checkpoint, data, distribute, losses, metrics
 from kood.errors import ConfigError, DataError, check_output_dir
 from kood.manifest import (ID_KINDS, fingerprint, json_text, read_json, read_manifest, read_manifest_of,
-                           same_dataset, write_text_atomic)
+                           write_text_atomic)
 from kood.methods import MethodConfig, method_config
 from kood.models import (ARCHITECTURES, PRECISIONS, build_classifier, classifier_file, load_classifier,
                          non_finite_weights)
@@ -480,8 +480,9 @@ def run_training(cfg: RunConfig) -> dict:
                 raise DataError(f"--{flag}={directory} holds {other[1].shape} images, --id_data={cfg.id_data} holds "
                                 f"{manifest.shape}; convert them to the same size (data_prep --image_size)")
     for name, directory in cfg.ood_data.items():
-        ood_shape = read_manifest_of(f"--ood_data={name}=", directory).shape
-        if cfg.aux_data and mcfg.uses_aux and same_dataset(directory, cfg.aux_data):
+        ood_manifest = read_manifest_of(f"--ood_data={name}=", directory)
+        ood_shape = ood_manifest.shape
+        if "aux_data" in inputs and fingerprint(ood_manifest) == fingerprint(inputs["aux_data"][1]):
             print(f"warning: --ood_data={name}={directory} is the auxiliary training set (--aux_data): its "
                   f"numbers will not be those of held-out OOD data", file=sys.stderr)
         if ood_shape != manifest.shape:

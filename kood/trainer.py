@@ -185,22 +185,24 @@ class OODTrainer(keras.Model):
         grads = tape.gradient(scaled, variables)
         self.optimizer.apply(grads, variables)
 
-        num_id, cfg = terms["num_id"], self.config
+        num_id = terms["num_id"]
         s_id, s_aux = terms["energies"][:num_id], terms["energies"][num_id:]
-        # Terms the method does not have (always 0) stay out of the progress line and TensorBoard.
-        absent = {"energy_loss": cfg.score_loss != "energy" or x_aux is None,
-                  "oe_loss": cfg.score_loss != "oe" or x_aux is None, "grad_penalty": cfg.grad_weight == 0}
-        values = {k: terms[k] for k in ("loss", "ce_loss", "energy_loss", "oe_loss", "grad_penalty") if not absent.get(k)}
+        # Terms (and mask fractions) the method does not have, always 0, stay out of the progress line and
+        # TensorBoard. A method with any of them has auxiliary data (checked above).
+        has = {"energy_loss": cfg.score_loss == "energy", "oe_loss": cfg.score_loss == "oe",
+               "grad_penalty": cfg.grad_weight > 0}
+        values = {k: terms[k] for k in ("loss", "ce_loss", "energy_loss", "oe_loss", "grad_penalty")
+                  if has.get(k, True)}
         values["accuracy"] = _accuracy(y_id, terms["logits"][:num_id])
         # Under R replicas: the norm of each replica's own (B / R batch) gradient, averaged over replicas.
         values["weight_grad_norm"] = tf.linalg.global_norm(grads) * num_replicas
         values["energy_id"] = tf.reduce_mean(s_id)
-        if cfg.uses_aux and x_aux is not None:
+        if cfg.uses_aux:
             values["energy_aux"] = tf.reduce_mean(s_aux)
-            if cfg.score_loss == "energy":  # the mask fractions of the margins the method uses
+            if has["energy_loss"]:  # the mask fractions of the margins the method uses
                 active_id, active_aux = losses.energy_loss_masks(s_id, s_aux, cfg.m_in, cfg.m_out)
                 values.update(energy_active_id=_fraction(active_id), energy_active_aux=_fraction(active_aux))
-            if cfg.grad_weight > 0:
+            if has["grad_penalty"]:
                 keep_id, keep_aux = losses.greg_masks(s_id, s_aux, cfg.m_in, cfg.m_out)
                 values.update(grad_keep_id=_fraction(keep_id), grad_keep_aux=_fraction(keep_aux))
         for name, value in values.items():
