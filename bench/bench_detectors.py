@@ -22,10 +22,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from kood.detectors import DETECTORS, make_detector  # noqa: E402
 from kood.models import build_classifier  # noqa: E402
+from kood.errors import run_app  # noqa: E402
 
 flags.DEFINE_integer("num", 4096, "Images scored per detector.")
 flags.DEFINE_integer("fit", 4096, "ID fit images for detectors that need fitting.")
@@ -62,4 +63,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -22,7 +22,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+from kood.errors import run_app  # noqa: E402
 
 flags.DEFINE_integer("n32", 2000, "Images at 32x32x3.")
 flags.DEFINE_integer("n224", 300, "Images at 224x224x3.")
@@ -120,4 +121,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+from kood.errors import run_app  # noqa: E402
 
 flags.DEFINE_integer("calls", 50, "Timed calls per setting (after 3 warm-up calls).")
 flags.DEFINE_integer("pool", 384, "Candidates per step.")
@@ -63,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -35,15 +35,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from kood import losses, sampling  # noqa: E402
+from kood.errors import parse_key_values, run_app  # noqa: E402
 from kood.methods import method_config  # noqa: E402
 from kood.models import PRECISIONS, build_classifier  # noqa: E402
 from kood.models.layers import use_batchnorm  # noqa: E402
 from kood.trainer import OODTrainer  # noqa: E402
 
 flags.DEFINE_list("archs", ["small_cnn", "wrn40_2"], "Architectures (kood.models registry).")
+flags.DEFINE_list("arch_kwargs", [], "Architecture options key=value for every --archs entry, e.g. width=32 "
+                  "(as kood.train --arch_kwargs).")
 flags.DEFINE_list("methods", ["ce", "energy", "greg", "greg_plus"], "Methods (kood.methods presets).")
 flags.DEFINE_list("extra", [], "Extra variants: greg_aux2 (greg with a 2 x B random auxiliary batch, the same "
                   "number of trained outliers as greg_plus), greg_plus_bf16 (greg_plus with --pool_dtype=bfloat16).")
@@ -76,7 +79,8 @@ def _make_trainer(arch: str, method: str, batch_size: int, rng: np.random.Genera
     keras.utils.set_random_seed(0)
     with use_batchnorm(bn):
         classifier = build_classifier(arch, input_shape=IMAGE_SHAPE, num_classes=NUM_CLASSES,
-                                      mean=[125.0] * 3, std=[63.0] * 3, precision=FLAGS.precision)
+                                      mean=[125.0] * 3, std=[63.0] * 3, precision=FLAGS.precision,
+                                      **parse_key_values(FLAGS.arch_kwargs, "arch_kwargs"))
     trainer = OODTrainer(classifier, method_config(preset, **overrides), seed=0)
     trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), jit_compile=FLAGS.jit_compile)
     x_id = rng.integers(0, 256, (batch_size, *IMAGE_SHAPE)).astype(np.float32)
@@ -258,7 +262,8 @@ def main(argv):
         params = next(iter(trainers.values())).classifier.count_params()
         start = time.perf_counter()
         _warm(runners, 1 + FLAGS.warmup)
-        print(f"\n## {arch} ({params:,} params; tracing + warm-up {time.perf_counter() - start:.0f} s)")
+        kwargs = f" {','.join(FLAGS.arch_kwargs)}" if FLAGS.arch_kwargs else ""
+        print(f"\n## {arch}{kwargs} ({params:,} params; tracing + warm-up {time.perf_counter() - start:.0f} s)")
         per_round = time_steps(runners, FLAGS.reps, FLAGS.steps)
         medians = _report("train step (OODTrainer, compiled train function)", per_round)
         tags = [""] if len(FLAGS.bn) == 1 else [f"[{bn}]" for bn in FLAGS.bn]
@@ -300,4 +305,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -6,6 +6,7 @@ r"""Convert a synthetic ID set (for SIO) to a kood dataset, pseudo-labelling it 
 """
 
 from absl import app, flags
+from kood.errors import run_app
 
 from data_prep import _common
 from data_prep._common import FLAGS, cli_errors, conversion_kwargs, define_conversion_flags, report
@@ -43,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
+from kood.errors import run_app  # noqa: E402
 
 flags.DEFINE_integer("max_problems", 100, "Stop listing after this many problems per directory.")
 FLAGS = flags.FLAGS
@@ -35,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -49,7 +48,7 @@ import tensorflow as tf  # noqa: E402
 
 from kood import checkpoint, data, run  # noqa: E402
 from kood.detectors.energy import energy_score  # noqa: E402
-from kood.errors import ConfigError, DataError, check_output_dir  # noqa: E402
+from kood.errors import ConfigError, DataError, check_output_dir, parse_key_values, run_app  # noqa: E402
 from kood.evaluate import evaluate, parse_detectors, parse_ood  # noqa: E402
 from kood.manifest import ID_KINDS, json_text, read_json, read_manifest, read_manifest_of, write_text_atomic  # noqa: E402
 from kood.methods import METHODS, method_config  # noqa: E402
@@ -135,27 +134,6 @@ def split_method(name: str) -> tuple[str, bool]:
     if name.endswith(SIO_SUFFIX):
         return name[: -len(SIO_SUFFIX)], True
     return name, False
-
-
-def _literal(text: str):
-    """`"0.1"` -> 0.1, `"True"` -> True, anything else stays a string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_key_values(spec: str, flag: str) -> dict:
-    """`"a=1,b=x"` -> `{"a": 1, "b": "x"}` (values as Python literals, else strings)."""
-    out = {}
-    for item in (spec or "").split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--{flag}: expected key=value items. Received: {item!r} in {spec!r}")
-        out[key.strip()] = _literal(value.strip())
-    return out
 
 
 def parse_method_flags(spec: str) -> dict[str, dict]:
@@ -1138,7 +1116,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     define_flags()
-    app.run(main)
+    run_app(main)

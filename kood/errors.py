@@ -1,4 +1,4 @@
-"""Errors kood raises on bad input. Both are ValueErrors, so callers can catch either."""
+"""Errors kood raises on bad input (both are ValueErrors, so callers can catch either) and the CLI helpers that report them."""
 
 from __future__ import annotations
 
@@ -22,6 +22,63 @@ def quiet_info_logs() -> None:
 
     if "verbosity" not in flags.FLAGS or not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull",
+              "--helpxml", "-helpxml")
+
+
+def run_app(main: Callable[[list[str]], object]) -> None:
+    """`absl.app.run(main)`, except that a help request exits with code 0 (absl exits 1 after printing help).
+
+    Example:
+        if __name__ == "__main__":
+            run_app(main)
+    """
+    from absl import app
+
+    try:
+        app.run(main)
+    except SystemExit as e:
+        # absl's help flags print the usage and exit 1 while parsing, before `main` runs.
+        if e.code == 1 and any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+            sys.exit(0)
+        raise
+
+
+def parse_key_values(items: str | Sequence[str], flag: str, *, typed: bool = True) -> dict:
+    """`"a=1,b=x"` or `["a=1", "b=x"]` -> `{"a": 1, "b": "x"}`; a ConfigError names `--flag` on a bad item.
+
+    Args:
+        items: one comma-separated string or a list of `key=value` items (absl's DEFINE_list).
+        flag: flag name for error messages.
+        typed: convert values that read as int, float or true/false (any case); else keep strings.
+
+    Example:
+        parse_key_values("width=32,stem=cifar", "arch_kwargs")   # {'width': 32, 'stem': 'cifar'}
+    """
+    if isinstance(items, str):
+        items = items.split(",")
+    out = {}
+    for item in items:
+        if not item.strip():
+            continue
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise ConfigError(f"--{flag}: expected key=value items. Received: {item!r}")
+        if key in out:
+            raise ConfigError(f"--{flag} names {key!r} twice. Received: --{flag}={','.join(items)}")
+        out[key] = _typed(value) if typed else value
+    return out
+
+
+def _typed(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 def run_cli(prog: str, argv: Sequence[str], work: Callable[[], object],

@@ -27,7 +27,7 @@ import numpy as np
 
 from kood.data import eval_dataset
 from kood.detectors import DETECTORS, collect_outputs, make_detector
-from kood.errors import ConfigError, DataError, check_output_dir, naming
+from kood.errors import ConfigError, DataError, check_output_dir, naming, run_app
 from kood.manifest import ID_KINDS, json_text, read_manifest_of, write_text_atomic
 from kood.metrics import CONVENTION_NOTE, CONVENTIONS, METRICS, accuracy, metrics_table
 
@@ -424,7 +424,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     define_flags()
-    app.run(main)
+    run_app(main)

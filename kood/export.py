@@ -51,7 +51,7 @@ import tensorflow as tf
 
 from kood.data import eval_dataset
 from kood.detectors import DETECTORS, make_detector
-from kood.errors import ConfigError, DataError, run_cli
+from kood.errors import ConfigError, DataError, run_app, run_cli
 from kood.manifest import ID_KINDS, read_manifest, same_dataset
 from kood.metrics import threshold_at_tpr
 from kood.progress import Progress
@@ -428,7 +428,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     define_flags()
-    app.run(main)
+    run_app(main)

@@ -26,7 +26,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from kood.distribute import STRATEGIES
-from kood.errors import ConfigError, DataError, quiet_info_logs
+from kood.errors import ConfigError, DataError, parse_key_values, quiet_info_logs, run_app
 from kood.methods import GRAD_SPACES, METHODS, POOL_DTYPES, SAMPLERS, SCORE_LOSSES, MethodConfig
 from kood.models import PRECISIONS
 from kood.run import OPTIMIZERS, SCHEDULES, RunConfig, validate
@@ -122,32 +122,11 @@ FLAGS = flags.FLAGS
 DEMO_DEFAULTS = dict(epochs=30, batch_size=32, lr=0.05, weight_decay=5e-4, log_every=5, augment=False)
 
 
-def _parse_kv(values: list[str], flag: str) -> dict[str, str]:
-    out = {}
-    for item in values:
-        if "=" not in item:
-            raise ConfigError(f"--{flag}: expected name=value items. Received: {item!r}")
-        key, value = (part.strip() for part in item.split("=", 1))
-        if key in out:
-            raise ConfigError(f"--{flag} names {key!r} twice. Received: --{flag}={','.join(values)}")
-        out[key] = value
-    return out
-
-
 def _milestones(values: list[str]) -> tuple[int, ...]:
     try:
         return tuple(int(m) for m in values)
     except ValueError:
         raise ConfigError(f"--lr_milestones: epochs must be whole numbers. Received: {','.join(values)}") from None
-
-
-def _auto_type(value: str):
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 def config_from_flags() -> RunConfig:
@@ -161,7 +140,7 @@ def config_from_flags() -> RunConfig:
     if FLAGS.optimizer != "sgd" and sgd_only:  # often set by a flagfile that another --optimizer overrides
         print(f"note: {'/'.join(sgd_only)} {'apply' if len(sgd_only) > 1 else 'applies'} to --optimizer=sgd only; "
               f"not used with --optimizer={FLAGS.optimizer}", file=sys.stderr)
-    ood = _parse_kv(FLAGS.ood_data, "ood_data")
+    ood = parse_key_values(FLAGS.ood_data, "ood_data", typed=False)
     id_data = FLAGS.id_data
     suffix = ""
     if id_data is None:
@@ -180,7 +159,7 @@ def config_from_flags() -> RunConfig:
     cfg = RunConfig(
         model_dir=FLAGS.model_dir or os.path.join("kood_runs", f"{FLAGS.method}{suffix}"),
         id_data=id_data, method=FLAGS.method, method_overrides=overrides, ood_data=ood,
-        arch_kwargs={k: _auto_type(v) for k, v in _parse_kv(FLAGS.arch_kwargs, "arch_kwargs").items()},
+        arch_kwargs=parse_key_values(FLAGS.arch_kwargs, "arch_kwargs"),
         lr_milestones=_milestones(FLAGS.lr_milestones), **values)
     if suffix and not _demo_ready(FLAGS.demo_dir):
         from kood.demo_data import build_demo
@@ -253,4 +232,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_app(main)

@@ -223,7 +223,6 @@ def test_missing_directories_are_named(sets, tmp_path, flag):
 def test_flag_parsers():
     assert bench.parse_method_flags("greg:grad_weight=0.1,m_in=-12;*:m_out=-5") == {
         "greg": {"grad_weight": 0.1, "m_in": -12}, "*": {"m_out": -5}}
-    assert bench.parse_key_values("width=8,name=x", "arch_kwargs") == {"width": 8, "name": "x"}
     with pytest.raises(ConfigError, match="METHOD:key=value"):
         bench.parse_method_flags("grad_weight=0.1")
     cfg = bench.BenchConfig(id_data="i", aux_data="a", ood={}, output="o", methods=["greg", "greg+sio"],

@@ -232,14 +232,18 @@ def test_bad_flags_are_config_errors(tmp_path):
         _convert(f"cifar:{d}", tmp_path / "out", split="valid")
 
 
-def test_cli_help_lists_the_shared_flags():
+def test_cli_help_lists_the_shared_flags_and_exits_0():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    procs = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.DEVNULL, text=True)
-             for m in ("data_prep.real", "data_prep.outliers")}  # in parallel: each pays a TF import
-    out = {m: p.communicate(timeout=120)[0] for m, p in procs.items()}
-    for m, text in out.items():
-        assert "--source:" in text and "--out:" in text and "--image_size:" in text, (m, text)
+    runs = {("data_prep.real", "--help"), ("data_prep.outliers", "--helpfull"), ("data_prep.real", "--no_such_flag")}
+    procs = {run: subprocess.Popen([sys.executable, "-m", *run], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+             for run in runs}  # in parallel: each pays a TF import
+    out = {run: p.communicate(timeout=120)[0] for run, p in procs.items()}
+    for run in (("data_prep.real", "--help"), ("data_prep.outliers", "--helpfull")):
+        assert "--source:" in out[run] and "--out:" in out[run] and "--image_size:" in out[run], (run, out[run])
+        assert procs[run].returncode == 0, run  # absl alone exits 1 after help (kood.errors.run_app)
+    bad = ("data_prep.real", "--no_such_flag")
+    assert procs[bad].returncode == 1 and "Unknown command line flag 'no_such_flag'" in out[bad], out[bad]
 
 
 def test_out_that_is_a_file_is_a_data_error(tmp_path):

@@ -481,12 +481,16 @@ def test_data_problems_stop_before_any_work(digit_sets, tmp_path):
         run_lib.run_training(_config(digit_sets, str(a_file), method="energy"))
 
 
-def test_repeated_names_in_a_flag_list_are_refused():
-    from kood.train import _parse_kv
+def test_key_value_flags_are_parsed_once_for_every_cli():
+    from kood.errors import parse_key_values
 
-    assert _parse_kv(["a=x", "b=y"], "ood_data") == {"a": "x", "b": "y"}
+    assert parse_key_values(["a=x", "b=1"], "ood_data", typed=False) == {"a": "x", "b": "1"}
+    assert parse_key_values("width=8,name=x,drop=0.5,flag=TRUE", "arch_kwargs") == {
+        "width": 8, "name": "x", "drop": 0.5, "flag": True}
     with pytest.raises(ConfigError, match="--ood_data names 'a' twice"):
-        _parse_kv(["a=x", "a=y"], "ood_data")
+        parse_key_values(["a=x", "a=y"], "ood_data")
+    with pytest.raises(ConfigError, match="--arch_kwargs: expected key=value items. Received: 'width'"):
+        parse_key_values("width", "arch_kwargs")
 
 
 def test_setting_added_after_a_run_started_resumes_at_its_default(digit_sets, tmp_path):
