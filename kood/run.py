@@ -414,15 +414,17 @@ def final_evaluation(model: keras.Model, cfg: RunConfig, mcfg: MethodConfig, man
 
 
 def format_results(results: dict) -> str:
+    """The final evaluation in percentages, as kood.evaluate and kood.bench print it (results.json holds fractions)."""
     if "id_accuracy" not in results:
         return "(no held-out ID split: no final evaluation)"
-    lines = [f"ID accuracy ({results['id_split']} split): {results['id_accuracy']:.4f}"]
+    lines = [f"ID accuracy ({results['id_split']} split): {100 * results['id_accuracy']:.2f}%"]
     if not results["ood"]:
         return "\n".join(lines + ["(no OOD evaluation: pass --ood_data=name=DIR)"])
     lines += [f"OOD score: {results['score']}; FPR95 convention: {results['fpr_convention']}",
-             "| OOD set | FPR95 | AUROC | AUPR-In | AUPR-Out |", "|---|---|---|---|---|"]
+              "| OOD set | FPR95 % ↓ | AUROC % ↑ | AUPR-In % ↑ | AUPR-Out % ↑ |", "|---|---|---|---|---|"]
     for name, m in results["ood"].items():
-        lines.append(f"| {name} | {m['fpr95']:.4f} | {m['auroc']:.4f} | {m['aupr_in']:.4f} | {m['aupr_out']:.4f} |")
+        lines.append(f"| {name} | " + " | ".join(f"{100 * m[k]:.2f}" for k in ("fpr95", "auroc", "aupr_in", "aupr_out"))
+                     + " |")
     return "\n".join(lines)
 
 

@@ -787,3 +787,11 @@ def test_a_diverged_epoch_is_never_checkpointed(digit_sets, tmp_path, monkeypatc
     poisoned = _classifier()
     poisoned.weights[0].assign(np.full(poisoned.weights[0].shape, np.inf, np.float32))
     assert "non-finite weights" in run_lib._diverged(poisoned, {})
+
+
+def test_final_results_print_in_percentages_like_evaluate_and_bench():
+    results = {"id_split": "test", "id_accuracy": 0.99072, "score": "energy", "fpr_convention": "id",
+               "ood": {"demo_ood": {"fpr95": 0.548, "auroc": 0.78071, "aupr_in": 0.5, "aupr_out": 0.91}}}
+    text = run_lib.format_results(results)
+    assert "ID accuracy (test split): 99.07%" in text
+    assert "| demo_ood | 54.80 | 78.07 | 50.00 | 91.00 |" in text and "FPR95 % ↓" in text
