@@ -27,7 +27,8 @@ from kood.manifest import KINDS, Manifest, read_manifest, write_manifest
 from kood.progress import Progress
 from kood.records import ENCODINGS, UNLABELLED
 from kood.sources import Source, SplitSource, open_source
-from kood.writer import DEFAULT_ENCODING, DatasetWriter, check_out_dir, class_names_for, command_line, write_shard
+from kood.writer import (DEFAULT_ENCODING, DatasetWriter, WriteLock, check_out_dir, class_names_for, command_line,
+                         write_shard)
 
 RESIZE_MODES = ("resize", "center_crop")
 UNLABELLED_KINDS = ("outlier", "ood")
@@ -236,7 +237,7 @@ def convert(source: str, out_dir: str, *, kind: str = "real", split: str | None 
                               f"writes whole shards, so pass --num_shards >= --num_tasks. "
                               f"Received: num_tasks={num_tasks}, num_shards={num_shards}")
         jobs = [j for j in jobs if j["shard"] in task_shards(j["num_shards"], task_index, num_tasks)]
-        write_dir = start_task(out_dir, task_index, num_tasks, overwrite)
+        write_dir, task_lock = start_task(out_dir, task_index, num_tasks, overwrite)
         for job in jobs:
             job["directory"] = write_dir
     else:
@@ -278,7 +279,7 @@ def convert(source: str, out_dir: str, *, kind: str = "real", split: str | None 
             encoding=encoding, source=source, command=command if command is not None else command_line(), plan=plan,
             shards={s: sorted(shard_infos, key=lambda i: i["file"]) for s, shard_infos in infos.items()},
             extra=extra)
-        return finish_task(part, out_dir)
+        return finish_task(part, out_dir, task_lock)
     for out_split, shard_infos in infos.items():
         writer.add_split(out_split, shard_infos)
     return writer.finish(source=source, command=command, extra=extra)
@@ -321,7 +322,10 @@ def convert_and_pseudo_label(source: str, out_dir: str, model_path: str, *, min_
     _check_model_input(model, (size, size, channels), source, model_path, size, channels)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.unlabelled.", dir=parent)
+    prefix = f".{os.path.basename(os.path.abspath(out_dir))}.unlabelled."
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    tmp_lock = WriteLock(tmp)  # held until the temporary set is removed: marks it as in use
+    _remove_abandoned(parent, prefix, keep=tmp)
     try:
         unlabelled = convert(source, tmp, kind="synthetic", allow_unlabelled=True, overwrite=True,
                              command=command, **convert_kwargs)
@@ -330,6 +334,7 @@ def convert_and_pseudo_label(source: str, out_dir: str, model_path: str, *, min_
                      overwrite=overwrite, command=command, model=model, name=f"--source={source}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp_lock.release()
     # pseudo_label records the (now removed) temporary dir as its source; point at the real one
     manifest = read_manifest(out_dir)
     manifest.source = source
@@ -338,6 +343,21 @@ def convert_and_pseudo_label(source: str, out_dir: str, model_path: str, *, min_
                       "conversion": unlabelled.extra["conversion"]}
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def _remove_abandoned(parent: str, prefix: str, keep: str) -> None:
+    """Removes temporary sets `parent/PREFIX*` other than `keep` that no process holds (a killed run's)."""
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if not name.startswith(prefix) or not os.path.isdir(path) or os.path.samefile(path, keep):
+            continue
+        try:
+            lock = WriteLock(path)
+        except DataError:
+            continue  # another run's, in use
+        print(f"note: removing {path}, a temporary set left by an interrupted run", file=sys.stderr)
+        shutil.rmtree(path, ignore_errors=True)
+        lock.release()
 
 
 def _check_model_input(model, shape, source: str, model_path: str, image_size, channels) -> None:

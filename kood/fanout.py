@@ -28,7 +28,7 @@ from typing import Any
 
 from kood.errors import DataError
 from kood.manifest import MANIFEST, TASKS, Manifest, read_json, shard_name, write_text_atomic
-from kood.writer import DatasetWriter, claim_directory, command_line, remove_stale_shards, sha256_file
+from kood.writer import DatasetWriter, WriteLock, claim_directory, command_line, remove_stale_shards, sha256_file
 
 TASK_FORMAT = "kood-task/1"
 TASK_FILE = "task.json"
@@ -71,21 +71,28 @@ def task_shards(num_shards: int, task_index: int, num_tasks: int) -> range:
     return range(num_shards * task_index // num_tasks, num_shards * (task_index + 1) // num_tasks)
 
 
-def start_task(directory: str, task_index: int, num_tasks: int, overwrite: bool) -> str:
-    """Prepares (and returns) the task's directory; a rerun first makes its old part incomplete."""
+def start_task(directory: str, task_index: int, num_tasks: int, overwrite: bool) -> tuple[str, WriteLock]:
+    """Prepares the task's directory and locks it (the same task running twice is refused).
+
+    A rerun first makes its old part incomplete. Returns the directory and its lock, which
+    `finish_task` releases.
+    """
     claim_directory(directory, overwrite)
     tdir = task_dir(directory, task_index, num_tasks)
     os.makedirs(tdir, exist_ok=True)
+    lock = WriteLock(tdir)
     if os.path.exists(os.path.join(tdir, TASK_FILE)):
         os.remove(os.path.join(tdir, TASK_FILE))
-    return tdir
+    return tdir, lock
 
 
-def finish_task(part: TaskPart, directory: str) -> TaskPart:
-    """Removes stale shards from the task's directory and writes `task.json` last."""
+def finish_task(part: TaskPart, directory: str, lock: WriteLock | None = None) -> TaskPart:
+    """Removes stale shards from the task's directory and writes `task.json` last (then releases `lock`)."""
     tdir = task_dir(directory, part.task_index, part.num_tasks)
     remove_stale_shards(tdir, {s["file"] for shards in part.shards.values() for s in shards})
     write_text_atomic(os.path.join(tdir, TASK_FILE), json.dumps(dataclasses.asdict(part), indent=1))
+    if lock is not None:
+        lock.release()
     return part
 
 

@@ -3,6 +3,8 @@
 Shards are written under temporary names and renamed when complete; the
 manifest is written last. A directory without `manifest.json` is never a
 complete dataset, so an interrupted run cannot leave output that looks done.
+A writer holds an exclusive lock on its directory (`WriteLock`), so a second
+conversion into the same directory is refused instead of mixing shards.
 
 Example:
     w = DatasetWriter(out, kind="real", image_shape=(32, 32, 3), num_classes=10)
@@ -14,11 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import glob
 import hashlib
 import os
+import re
 import shlex
+import socket
 import sys
+import weakref
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -35,6 +41,85 @@ DEFAULT_ENCODING = "raw"
 
 # (image uint8 [H,W,C], label, index[, confidence])
 Item = tuple
+
+LOCK_FILE = ".kood-writing.lock"
+# what remove_stale_shards may delete: kood's own shard names (manifest.shard_name) and their temporary files
+_SHARD_FILE = re.compile(r"^\.?.+-\d{5}-of-\d{5}\.tfrecord(\.tmp)?$")
+
+
+class WriteLock:
+    """An exclusive lock on a dataset directory while this process writes it (`LOCK_FILE` inside it).
+
+    Two conversions into one directory would write shards under the same names and the one that
+    finishes last would write a manifest over records the other replaced. The lock is an OS file lock
+    (flock), so it goes away with its process, even on SIGKILL, and a killed run never blocks the
+    next one. It is re-entrant within a process and released by `release()`, when the object is
+    garbage-collected, or at exit; releasing removes the lock file.
+
+    Raises:
+        DataError: another process holds the lock, naming its pid and host.
+
+    Example:
+        lock = WriteLock("data/cifar10")
+        ...  # write shards, then the manifest
+        lock.release()
+    """
+
+    _held: dict[str, list] = {}  # realpath -> [open lock file, holders in this process]
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(os.path.realpath(directory), LOCK_FILE)
+        if self.path in self._held:
+            self._held[self.path][1] += 1
+        else:
+            self._held[self.path] = [_acquire(self.path, directory), 1]
+        self._release = weakref.finalize(self, WriteLock._drop, self.path)
+
+    def release(self) -> None:
+        self._release()
+
+    @classmethod
+    def release_all_in(cls, directory: str) -> None:
+        """Releases this process's lock on `directory` whatever holds it (a failed run about to remove it)."""
+        path = os.path.join(os.path.realpath(directory), LOCK_FILE)
+        if path in cls._held:
+            cls._held[path][1] = 1
+            cls._drop(path)
+
+    @classmethod
+    def _drop(cls, path: str) -> None:
+        entry = cls._held.get(path)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del cls._held[path]
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # while still locked: see _acquire
+            entry[0].close()
+
+
+def _acquire(path: str, directory: str):
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            f.close()
+            raise DataError(f"{directory}: {owner} is writing a dataset into this directory ({LOCK_FILE}); "
+                            f"wait for it to finish or stop it, or write to another --out. Two writers "
+                            f"into one directory would mix their shards") from None
+        # A holder that finished removed the file after we opened it: our lock is on a dead inode; retry.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                f.seek(0)
+                f.truncate()
+                f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                f.flush()
+                return f
+        f.close()
 
 
 def sha256_file(path: str) -> str:
@@ -125,6 +210,7 @@ def removed_if_left_empty(directory: str) -> Iterator[None]:
         yield
     except BaseException:
         for path in created:
+            WriteLock.release_all_in(path)
             with contextlib.suppress(OSError):  # not empty (or already gone): keep it and its parents
                 os.rmdir(path)
         raise
@@ -144,9 +230,14 @@ def mean_std(count: int, total, total_sq, image_shape) -> tuple[list[float], lis
 
 
 def remove_stale_shards(directory: str, keep: set[str]) -> None:
-    """Removes `*.tfrecord` files of earlier runs that are not in `keep`."""
-    for path in glob.glob(os.path.join(directory, "*.tfrecord")):
-        if os.path.basename(path) not in keep:
+    """Removes shards of earlier runs that are not in `keep`, and their temporary files (a killed run's).
+
+    Only kood's shard names (`SPLIT-NNNNN-of-NNNNN.tfrecord`): other files, e.g. a user's own
+    `*.tfrecord` in an existing output directory, stay.
+    """
+    for path in glob.glob(os.path.join(directory, "*.tfrecord")) + glob.glob(os.path.join(directory, ".*.tmp")):
+        name = os.path.basename(path)
+        if name not in keep and _SHARD_FILE.match(name):
             os.remove(path)
 
 
@@ -176,6 +267,9 @@ class DatasetWriter:
         self.class_names = class_names_for(class_names, self.num_classes)
         self.splits: dict[str, dict] = {}
         self._sums: dict[str, tuple] = {}
+        check_out_dir(directory, overwrite)
+        os.makedirs(directory, exist_ok=True)
+        self._lock = WriteLock(directory)  # before claiming: --overwrite must not remove a running writer's work
         claim_directory(directory, overwrite)
 
     def write_split(self, split: str, items: Iterable[Item], num_shards: int = 1, total: int | None = None,
@@ -227,6 +321,7 @@ class DatasetWriter:
             extra=extra or {})
         remove_stale_shards(self.directory, {sh["file"] for sp in self.splits.values() for sh in sp["shards"]})
         write_manifest(self.directory, manifest)
+        self._lock.release()
         return manifest
 
 
