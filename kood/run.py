@@ -406,11 +406,22 @@ def final_evaluation(model: keras.Model, cfg: RunConfig, mcfg: MethodConfig, man
     results = {"id_split": split, "id_accuracy": float(correct.mean()), "score": "energy",
                "fpr_convention": "ID positive (fraction of OOD accepted at 95% ID TPR)", "ood": {}}
     for name, directory in cfg.ood_data.items():
-        ood_manifest = read_manifest(directory)
-        ood_split = "test" if "test" in ood_manifest.splits else next(iter(ood_manifest.splits))
-        s_ood, _ = _scores(model, directory, ood_split, mcfg.temperature)
-        results["ood"][name] = metrics.ood_metrics(s_id, s_ood)
+        split = ood_split(read_manifest(directory))
+        s_ood, _ = _scores(model, directory, split, mcfg.temperature)
+        results["ood"][name] = dict(metrics.ood_metrics(s_id, s_ood), split=split, count=len(s_ood))
     return results
+
+
+def ood_split(manifest) -> str:
+    """The split of an `--ood_data` set the final evaluation scores: test, else its first."""
+    return "test" if "test" in manifest.splits else next(iter(manifest.splits))
+
+
+def _conversion_hint(shape: tuple, wanted: tuple) -> str:
+    """What to convert again so that images of `shape` become `wanted`: the size, the channels, or both."""
+    parts = (["size (data_prep --image_size)"] if shape[:2] != wanted[:2] else []) + \
+            (["channels (data_prep --channels)"] if shape[2] != wanted[2] else [])
+    return " and ".join(parts)
 
 
 def format_results(results: dict) -> str:
@@ -423,6 +434,7 @@ def format_results(results: dict) -> str:
     lines += [f"OOD score: {results['score']}; FPR95 convention: {results['fpr_convention']}",
               "| OOD set | FPR95 % ↓ | AUROC % ↑ | AUPR-In % ↑ | AUPR-Out % ↑ |", "|---|---|---|---|---|"]
     for name, m in results["ood"].items():
+        name += f" ({m['split']} split)" if m.get("split", "test") != "test" else ""
         lines.append(f"| {name} | " + " | ".join(f"{100 * m[k]:.2f}" for k in ("fpr95", "auroc", "aupr_in", "aupr_out"))
                      + " |")
     return "\n".join(lines)
@@ -478,9 +490,14 @@ def run_training(cfg: RunConfig) -> dict:
     for flag, directory in (("aux_data", cfg.aux_data if mcfg.uses_aux else None), ("syn_data", cfg.syn_data)):
         if directory:
             other = inputs[flag] = (directory, read_manifest_of(f"--{flag}=", directory))
+            other[1].split("train", f"--{flag}={directory}")  # both are read from their train split
             if other[1].shape != manifest.shape:
                 raise DataError(f"--{flag}={directory} holds {other[1].shape} images, --id_data={cfg.id_data} holds "
-                                f"{manifest.shape}; convert them to the same size (data_prep --image_size)")
+                                f"{manifest.shape}; convert them to the same "
+                                f"{_conversion_hint(other[1].shape, manifest.shape)}")
+    if "aux_data" in inputs and inputs["aux_data"][1].kind == "ood":
+        print(f"note: --aux_data={cfg.aux_data} was converted as a held-out OOD test set (kind 'ood'); it is used "
+              f"as auxiliary training data here, so do not also report it as held-out OOD data", file=sys.stderr)
     for name, directory in cfg.ood_data.items():
         ood_manifest = read_manifest_of(f"--ood_data={name}=", directory)
         ood_shape = ood_manifest.shape
@@ -489,8 +506,11 @@ def run_training(cfg: RunConfig) -> dict:
                   f"numbers will not be those of held-out OOD data", file=sys.stderr)
         if ood_shape != manifest.shape:
             raise DataError(f"--ood_data={name}={directory} holds {ood_shape} images, --id_data={cfg.id_data} holds "
-                            f"{manifest.shape}; convert it to the same size (data_prep --image_size, --channels) or "
-                            f"evaluate it later with kood.evaluate --resize")
+                            f"{manifest.shape}; convert it to the same {_conversion_hint(ood_shape, manifest.shape)} "
+                            f"or evaluate it later with kood.evaluate --resize")
+        if ood_split(ood_manifest) != "test":
+            print(f"note: --ood_data={name}={directory} has no test split; the final evaluation scores its "
+                  f"{ood_split(ood_manifest)!r} split", file=sys.stderr)
     if cfg.ood_data and _eval_split(cfg, manifest) is None:
         raise DataError(f"--ood_data is compared with a held-out ID split (test, else val), but --id_data="
                         f"{cfg.id_data} has only the splits {sorted(manifest.splits)}; add a test split (README, "

@@ -193,6 +193,7 @@ def test_run_trains_evaluates_and_logs_the_named_tags(digit_sets, tmp_path):
                                            method_overrides={"cluster_k": 8, "pool_factor": 3}))
     ood = results["ood"]["ood"]
     assert 0.0 <= ood["fpr95"] <= 1.0 and 0.0 <= ood["auroc"] <= 1.0
+    assert ood["split"] == "test" and ood["count"] == run_lib.read_manifest(digit_sets["ood"]).count("test")
     for name in ("best.keras", "last.keras", "config.json", "results.json", "ckpt/latest"):
         assert os.path.exists(os.path.join(model_dir, name)), name
     tags = _event_tags(os.path.join(model_dir, "logs"))
@@ -461,8 +462,17 @@ def test_data_problems_stop_before_any_work(digit_sets, tmp_path):
     big = str(tmp_path / "big")
     write_arrays(big, {"test": (np.zeros((4, 16, 16, 1), np.uint8), -np.ones(4, np.int64))}, kind="ood", num_classes=0)
     cfg = _config(digit_sets, str(tmp_path / "run"), ood_data={"big": big})
-    with pytest.raises(DataError, match=r"--ood_data=big=.* holds \(16, 16, 1\) images"):
+    with pytest.raises(DataError, match=r"--ood_data=big=.* holds \(16, 16, 1\) images.*same size \(data_prep "
+                                        r"--image_size\) or evaluate"):
         run_lib.run_training(cfg)
+    rgb = str(tmp_path / "rgb")
+    write_arrays(rgb, {"train": (np.zeros((4, 8, 8, 3), np.uint8), -np.ones(4, np.int64))}, kind="outlier",
+                 num_classes=0)
+    with pytest.raises(DataError, match=r"--aux_data=.*rgb holds \(8, 8, 3\) images.*same channels \(data_prep "
+                                        r"--channels\)$"):
+        run_lib.run_training(_config(digit_sets, str(tmp_path / "run"), aux_data=rgb))
+    with pytest.raises(DataError, match=r"--aux_data=.*big: no split 'train'; it has \['test'\]"):
+        run_lib.run_training(_config(digit_sets, str(tmp_path / "run"), aux_data=big))
     train_only = str(tmp_path / "train_only")
     x, y = digits_arrays([0, 1])
     write_arrays(train_only, {"train": (x, y)}, num_classes=2)
@@ -795,3 +805,5 @@ def test_final_results_print_in_percentages_like_evaluate_and_bench():
     text = run_lib.format_results(results)
     assert "ID accuracy (test split): 99.07%" in text
     assert "| demo_ood | 54.80 | 78.07 | 50.00 | 91.00 |" in text and "FPR95 % ↓" in text
+    results["ood"]["demo_ood"]["split"] = "train"  # a set without a test split: the row says which was scored
+    assert "| demo_ood (train split) | 54.80 |" in run_lib.format_results(results)
