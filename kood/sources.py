@@ -264,16 +264,34 @@ def _mat(spec: str, path: str) -> Source:
 # --- image folders --------------------------------------------------------------------------------
 
 def load_image_file(path: str) -> np.ndarray:
-    """Reads an image file as uint8 `[H, W, C]`: grayscale stays 1 channel, everything else RGB."""
+    """Reads an image file as uint8 `[H, W, C]`: grayscale stays 1 channel, everything else RGB.
+
+    Alpha is dropped, not composited (gray+alpha gives 1 channel, like gray). 16-bit grayscale
+    keeps its high byte (`value >> 8`, as Pillow itself reads 16-bit RGB). 32-bit integer (`I`)
+    and float (`F`) images are refused: their range is not fixed.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if im.mode in ("1", "L", "I;16", "I", "F") else "RGB")
-            arr = np.asarray(im, np.uint8)
+            file_format = im.format
+            arr = _image_to_uint8(im, file_format, path)
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{path}: cannot read image: {e}") from e
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _image_to_uint8(im, file_format: str | None, path: str) -> np.ndarray:
+    """`im`'s pixels as uint8 `[H, W]` (grayscale) or `[H, W, 3]`; see `load_image_file`."""
+    mode = im.mode
+    # PNG samples are at most 16 bits, so an `I` PNG (older Pillow's 16-bit gray) is 16-bit too
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N") or (mode == "I" and file_format == "PNG"):
+        # convert("L") would clip at 255 instead of scaling
+        return (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+    if mode in ("I", "F") or mode.startswith("I;"):
+        raise DataError(f"{path}: image mode {mode!r} (32-bit integer, float or signed pixels) has no fixed "
+                        f"range to map to 0..255; save it as an 8-bit or 16-bit image first")
+    return np.asarray(im.convert("L" if mode in ("1", "L", "LA") else "RGB"), np.uint8)
 
 
 def _list_images(directory: str) -> list[str]:

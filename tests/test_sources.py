@@ -5,7 +5,7 @@ import pytest
 
 from kood.convert import convert
 from kood.errors import ConfigError, DataError
-from kood.sources import open_source
+from kood.sources import load_image_file, open_source
 from tests import data_helpers as dh
 
 
@@ -166,3 +166,31 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path):
     (tmp_path / "f" / "b").mkdir()
     with pytest.raises(DataError, match=f"{tmp_path / 'f' / 'b'}: class folder has no images.*remove it"):
         open_source(f"folder:{d}")
+
+
+def test_16_bit_gray_keeps_the_high_byte_and_32_bit_or_float_is_refused(tmp_path):
+    from PIL import Image
+
+    gray16 = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)
+    Image.fromarray(gray16).save(tmp_path / "g16.png")
+    tiff16 = Image.frombytes("I;16B", (32, 32), gray16.astype(">u2").tobytes())
+    tiff16.save(tmp_path / "g16b.tif")
+    for name in ("g16.png", "g16b.tif"):
+        np.testing.assert_array_equal(load_image_file(str(tmp_path / name))[..., 0], gray16 >> 8)
+    Image.fromarray(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)).save(tmp_path / "f.tif")
+    Image.fromarray(np.arange(16, dtype=np.int32).reshape(4, 4) * 100000).save(tmp_path / "i.tif")
+    for name, mode in (("f.tif", "F"), ("i.tif", "I")):
+        with pytest.raises(DataError, match=f"{tmp_path / name}: image mode '{mode}' .*no fixed range"):
+            load_image_file(str(tmp_path / name))
+
+
+def test_gray_with_alpha_stays_one_channel_and_alpha_is_dropped(tmp_path):
+    from PIL import Image
+
+    la = dh.random_images(1, 8, 8, 2)[0]
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(load_image_file(str(tmp_path / "la.png")), la[..., :1])
+    rgba = dh.random_images(1, 8, 8, 4)[0]
+    rgba[0, 0, 3] = 0  # fully transparent: keeps its stored colour
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(load_image_file(str(tmp_path / "rgba.png")), rgba[..., :3])
