@@ -266,15 +266,18 @@ def _mat(spec: str, path: str) -> Source:
 def load_image_file(path: str) -> np.ndarray:
     """Reads an image file as uint8 `[H, W, C]`: grayscale stays 1 channel, everything else RGB.
 
-    Alpha is dropped, not composited (gray+alpha gives 1 channel, like gray). 16-bit grayscale
-    keeps its high byte (`value >> 8`, as Pillow itself reads 16-bit RGB). 32-bit integer (`I`)
-    and float (`F`) images are refused: their range is not fixed.
+    The EXIF orientation is applied (pixels as viewers show them). Alpha is dropped, not
+    composited (gray+alpha gives 1 channel, like gray). 16-bit grayscale keeps its high byte
+    (`value >> 8`, as Pillow itself reads 16-bit RGB). 32-bit integer (`I`) and float (`F`)
+    images are refused: their range is not fixed.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             file_format = im.format
+            # cameras store JPEGs unrotated plus an EXIF orientation tag that viewers apply
+            im = ImageOps.exif_transpose(im)
             arr = _image_to_uint8(im, file_format, path)
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{path}: cannot read image: {e}") from e

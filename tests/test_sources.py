@@ -194,3 +194,17 @@ def test_gray_with_alpha_stays_one_channel_and_alpha_is_dropped(tmp_path):
     rgba[0, 0, 3] = 0  # fully transparent: keeps its stored colour
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     np.testing.assert_array_equal(load_image_file(str(tmp_path / "rgba.png")), rgba[..., :3])
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    stored = dh.random_images(1, 20, 40)[0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(stored).save(tmp_path / "cam.jpg", quality=100, exif=exif.tobytes())
+    with Image.open(tmp_path / "cam.jpg") as im:
+        decoded = np.asarray(im.convert("RGB"))  # as stored, not rotated
+    out = load_image_file(str(tmp_path / "cam.jpg"))
+    assert out.shape == (40, 20, 3)
+    np.testing.assert_array_equal(out, np.rot90(decoded, k=-1))
