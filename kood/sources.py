@@ -118,7 +118,7 @@ def _as_nhwc(images, where: str):
                     f"Received: shape={images.shape}")
 
 
-def _array_split(images, labels: np.ndarray | None, where: str) -> SplitSource:
+def _array_split(images, labels: np.ndarray | None, where: str, labels_key: str | None = None) -> SplitSource:
     fetch = _as_nhwc(images, where)
     n = len(images)
     if labels is not None:
@@ -126,7 +126,8 @@ def _array_split(images, labels: np.ndarray | None, where: str) -> SplitSource:
         if len(labels) != n:
             raise DataError(f"{where}: {n} images but {len(labels)} labels")
         if not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"{where}: labels must be integers. Received: dtype={labels.dtype}")
+            named = f" ({labels_key!r})" if labels_key else ""
+            raise DataError(f"{where}: labels{named} must be integers. Received: dtype={labels.dtype}")
 
     def read(indices):
         for i in indices:
@@ -167,9 +168,15 @@ def _npz(spec: str, path: str, images_key: str | None, labels_key: str | None) -
         images_key = next((k for k in IMAGE_KEYS if k in keys), None)
         if labels_key is None:
             labels_key = next((k for k in LABEL_KEYS if k in keys), None)
-    if images_key is not None:
-        labels = data[labels_key] if labels_key else None
-        splits = {"train": (data[images_key], labels)}
+
+    def array(key: str) -> np.ndarray:
+        try:
+            return data[key]
+        except ValueError as e:  # an object (pickled) array, e.g. labels holding strings and None
+            raise DataError(f"{path}: array {key!r} is not a plain numeric array: {e}") from e
+
+    if images_key is not None:  # split name -> (images, labels or None, labels key)
+        splits = {"train": (array(images_key), array(labels_key) if labels_key else None, labels_key)}
         named = False
     else:  # x_train / y_train, x_test / y_test ...
         splits = {}
@@ -178,15 +185,16 @@ def _npz(spec: str, path: str, images_key: str | None, labels_key: str | None) -
             if m:
                 name = m.group(1)
                 lab = next((f"{p}_{name}" for p in ("y", "labels", "Y") if f"{p}_{name}" in keys), None)
-                splits[name] = (data[key], data[lab] if lab else None)
+                splits[name] = (array(key), array(lab) if lab else None, lab)
         if not splits:
             raise DataError(f"{path}: no images array; pass --images_key (arrays: {keys})")
         named = True
     labelled = [s[1] is not None for s in splits.values()]
     if any(labelled) and not all(labelled):
         raise DataError(f"{path}: some splits have labels and some do not: {sorted(splits)}")
+    # the splits first: they refuse labels that are not integers (NaN, strings) before the class count is taken
+    out = {name: _array_split(x, y, f"{path}:{name}", y_key) for name, (x, y, y_key) in splits.items()}
     names = _class_names_from_labels([s[1] for s in splits.values()], path) if all(labelled) else []
-    out = {name: _array_split(x, y, f"{path}:{name}") for name, (x, y) in splits.items()}
     return Source(spec, out, names, named_splits=named)
 
 

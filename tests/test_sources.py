@@ -208,3 +208,14 @@ def test_exif_orientation_is_applied(tmp_path):
     out = load_image_file(str(tmp_path / "cam.jpg"))
     assert out.shape == (40, 20, 3)
     np.testing.assert_array_equal(out, np.rot90(decoded, k=-1))
+
+
+@pytest.mark.parametrize("labels, match", [
+    (np.array([0, 1, np.nan, 1]), r"a.npz:train: labels \('y'\) must be integers. Received: dtype=float64"),
+    (np.array(["cat", "dog", "cat", "dog"]), r"a.npz:train: labels \('y'\) must be integers. Received: dtype=<U3"),
+    (np.array([0, "dog", 1, None], dtype=object), r"a.npz: array 'y' is not a plain numeric array"),
+], ids=["nan", "strings", "objects"])
+def test_nan_string_or_object_labels_are_a_data_error_naming_the_file_and_key(tmp_path, labels, match):
+    np.savez(tmp_path / "a.npz", x=dh.random_images(4, 8, 8), y=labels)
+    with pytest.raises(DataError, match=match):
+        open_source(f"npz:{tmp_path / 'a.npz'}")
