@@ -142,7 +142,18 @@ def _class_names_from_labels(labels: list[np.ndarray], where: str) -> list[str]:
     if len(flat) and flat.min() < 0:
         bad = int(np.flatnonzero(flat < 0)[0])
         raise DataError(f"{where}: label {int(flat[bad])} at position {bad} is negative; labels must be 0..K-1")
-    return [str(i) for i in range(int(flat.max()) + 1)] if len(flat) else []
+    if not len(flat):
+        return []
+    present = np.unique(flat)
+    num_classes = int(present[-1]) + 1
+    if len(present) < num_classes:  # a class without images, like an empty class folder, shifts the label space
+        # at most len(present) of the first len(present) + 5 ids have images, so this finds 5 missing ones (or all)
+        missing = np.setdiff1d(np.arange(min(num_classes, len(present) + 5)), present)[:5].tolist()
+        raise DataError(f"{where}: labels go up to {num_classes - 1} but {num_classes - len(present)} of the class "
+                        f"ids 0..{num_classes - 1} have no images in any split (e.g. {missing}); class ids must be "
+                        f"0..K-1 with every class present. Relabel, e.g. with numpy over all splits' labels "
+                        f"together: classes, y = np.unique(y, return_inverse=True)")
+    return [str(i) for i in range(num_classes)]
 
 
 def _npy(spec: str, path: str) -> Source:

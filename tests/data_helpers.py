@@ -91,9 +91,13 @@ def make_image_folder(directory, counts: dict[str, int] | int, size=(32, 32), mo
 
 def make_npz(path, n: int = 12, shape=(32, 32, 3), num_classes: int = 4, images_key="x", labels_key="y",
              seed: int = 0):
-    """Writes an npz with `images_key` (and `labels_key` unless None); returns `(path, images, labels)`."""
+    """Writes an npz with `images_key` (and `labels_key` unless None); returns `(path, images, labels)`.
+
+    The labels are shuffled `0..num_classes-1`, each class present when `n >= num_classes`
+    (a class id without images is an error).
+    """
     x = random_images(n, *shape, seed=seed) if len(shape) == 3 else random_images(n, *shape, c=0, seed=seed)
-    y = np.random.default_rng(seed).integers(0, num_classes, n)
+    y = np.random.default_rng(seed).permutation(np.arange(n) % num_classes)
     arrays = {images_key: x}
     if labels_key:
         arrays[labels_key] = y

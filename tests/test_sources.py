@@ -219,3 +219,20 @@ def test_nan_string_or_object_labels_are_a_data_error_naming_the_file_and_key(tm
     np.savez(tmp_path / "a.npz", x=dh.random_images(4, 8, 8), y=labels)
     with pytest.raises(DataError, match=match):
         open_source(f"npz:{tmp_path / 'a.npz'}")
+
+
+@pytest.mark.parametrize("y_train, y_test, missing", [
+    ([1, 2, 3, 3], [1, 2], r"1 of the class ids 0..3 have no images in any split \(e.g. \[0\]\)"),
+    ([0, 1, 2, 2_000_000], [0, 1], r"1999997 of the class ids 0..2000000 .*\(e.g. \[3, 4, 5, 6, 7\]\)"),
+], ids=["labels_1_to_K", "sparse_ids"])
+def test_class_ids_without_images_are_an_error_naming_them_and_the_fix(tmp_path, y_train, y_test, missing):
+    np.savez(tmp_path / "a.npz", x_train=dh.random_images(4, 8, 8), y_train=np.array(y_train),
+             x_test=dh.random_images(2, 8, 8), y_test=np.array(y_test))
+    with pytest.raises(DataError, match=f"a.npz: labels go up to .* but {missing}.*np.unique"):
+        open_source(f"npz:{tmp_path / 'a.npz'}")
+
+
+def test_a_class_present_in_one_split_only_is_fine(tmp_path):
+    np.savez(tmp_path / "a.npz", x_train=dh.random_images(3, 8, 8), y_train=np.array([0, 1, 1]),
+             x_test=dh.random_images(2, 8, 8), y_test=np.array([2, 2]))
+    assert open_source(f"npz:{tmp_path / 'a.npz'}").class_names == ["0", "1", "2"]
