@@ -317,8 +317,10 @@ def _image_to_uint8(im, file_format: str | None, path: str) -> np.ndarray:
 
 
 def _list_images(directory: str) -> list[str]:
+    # hidden names are skipped like hidden folders: macOS AppleDouble `._x.png` files are metadata, not images
     return sorted(os.path.join(directory, f) for f in os.listdir(directory)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, f)))
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+                  and os.path.isfile(os.path.join(directory, f)))
 
 
 def _subdirs(path: str) -> list[str]:

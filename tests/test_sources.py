@@ -236,3 +236,14 @@ def test_a_class_present_in_one_split_only_is_fine(tmp_path):
     np.savez(tmp_path / "a.npz", x_train=dh.random_images(3, 8, 8), y_train=np.array([0, 1, 1]),
              x_test=dh.random_images(2, 8, 8), y_test=np.array([2, 2]))
     assert open_source(f"npz:{tmp_path / 'a.npz'}").class_names == ["0", "1", "2"]
+
+
+def test_hidden_files_such_as_apple_double_are_skipped(tmp_path):
+    d, x, y = dh.make_image_folder(tmp_path / "f", {"cat": 2, "dog": 1})
+    (tmp_path / "f" / "cat" / "._img0000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
+    (tmp_path / "f" / ".hidden.png").write_bytes(b"not an image")
+    m = convert(f"folder:{d}", str(tmp_path / "out"), show_progress=False)
+    assert m.class_names == ["cat", "dog"]
+    images, labels, _, _ = dh.read_split(tmp_path / "out", "train")
+    np.testing.assert_array_equal(images, x)
+    np.testing.assert_array_equal(labels, y)
