@@ -191,6 +191,8 @@ def convert(source: str, out_dir: str, *, kind: str = "real", split: str | None 
     _check_args(kind, image_size, resize, channels, limit, num_shards, workers, encoding, task_index, num_tasks)
     check_out_dir(out_dir, overwrite)
     src = open_source(source, images_key=images_key, labels_key=labels_key)
+    for note in src.notes:
+        print(f"note: {note}", file=sys.stderr)
     splits = _output_splits(src, split, kind)
     labelled = src.labelled and kind not in UNLABELLED_KINDS
     if kind not in UNLABELLED_KINDS and not src.labelled and not allow_unlabelled:

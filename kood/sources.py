@@ -33,7 +33,9 @@ import numpy as np
 from kood.errors import ConfigError, DataError
 
 FORMS = ("tfds", "cifar", "folder", "npz", "npy", "mat")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+# Folder metadata that operating systems write: skipped without a note, like hidden names (.DS_Store).
+JUNK_FILES = ("thumbs.db", "desktop.ini")
 UNLABELLED = -1
 # Tried in order when --images_key/--labels_key are not given; a `_SPLIT` suffix gives one split each.
 IMAGE_KEYS = ("x", "images", "X", "image", "data")
@@ -63,6 +65,9 @@ class Source:
     # True when a split name came from the data (cifar train/test, tfds split, x_train...),
     # False when the source has a single unnamed split (then the caller names it).
     named_splits: bool = True
+    # Things the user should know but that do not stop the conversion (files skipped); printed once
+    # by the caller, since worker processes reopen the source.
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def labelled(self) -> bool:
@@ -316,53 +321,76 @@ def _image_to_uint8(im, file_format: str | None, path: str) -> np.ndarray:
     return np.asarray(im.convert("L" if mode in ("1", "L", "LA") else "RGB"), np.uint8)
 
 
-def _list_images(directory: str) -> list[str]:
-    # hidden names are skipped like hidden folders: macOS AppleDouble `._x.png` files are metadata, not images
-    return sorted(os.path.join(directory, f) for f in os.listdir(directory)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
-                  and os.path.isfile(os.path.join(directory, f)))
+def _scan(directory: str) -> tuple[list[str], list[str], list[str]]:
+    """`(image paths, subfolder names, skipped paths)` of `directory`, each sorted.
 
-
-def _subdirs(path: str) -> list[str]:
-    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+    Hidden names (`.DS_Store`, macOS AppleDouble `._x.png`, `.git`) and `JUNK_FILES` are left out
+    silently; the skipped paths are the other files: other extensions, broken links.
+    """
+    images, subdirs, skipped = [], [], []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.startswith(".") or name.lower() in JUNK_FILES:
+            continue
+        if os.path.isdir(path):
+            subdirs.append(name)
+        elif name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path):
+            images.append(path)
+        else:
+            skipped.append(path)
+    return images, subdirs, skipped
 
 
 def _is_split_dir(path: str) -> bool:
     """A split folder of a SPLIT/CLASS/image tree: class subfolders and no images of its own."""
-    return bool(_subdirs(path)) and not _list_images(path)
+    images, subdirs, _ = _scan(path)
+    return bool(subdirs) and not images
 
 
-def _folder_split(path: str, where: str) -> tuple[list[str], list[int], list[str]]:
-    """`(files, labels, class names)` of one folder: class subfolders (labelled) or flat images (unlabelled)."""
-    subdirs, top = _subdirs(path), _list_images(path)
+def _folder_split(path: str, where: str) -> tuple[list[str], list[int], list[str], list[str]]:
+    """`(files, labels, class names, skipped files)` of one folder: class subfolders (labelled) or flat images."""
+    top, subdirs, skipped = _scan(path)
     if subdirs and top:
         raise DataError(f"{path}: has both class subfolders {subdirs[:5]} and loose images (e.g. {top[0]}); "
                         f"use one layout")
     if not subdirs:
-        return top, [UNLABELLED] * len(top), []
+        return top, [UNLABELLED] * len(top), [], skipped
     files, labels = [], []
     for label, name in enumerate(subdirs):
-        found = _list_images(os.path.join(path, name))
+        class_dir = os.path.join(path, name)
+        found, nested, other = _scan(class_dir)
+        if nested:  # an error, not skipped: the class would silently lack those images
+            raise DataError(f"{os.path.join(class_dir, nested[0])}: a folder inside the class folder {class_dir}; "
+                            f"nested folders are not read (a class's images must be directly in its folder), so "
+                            f"move its images up into {class_dir} or remove it")
         if not found:  # it would still be a class, with no images, and shift the label space
-            raise DataError(f"{os.path.join(path, name)}: class folder has no images (extensions "
+            raise DataError(f"{class_dir}: class folder has no images (extensions "
                             f"{IMAGE_EXTENSIONS}); every subfolder of {where} is a class, so remove it "
                             f"or add its images")
         files += found
         labels += [label] * len(found)
-    return files, labels, subdirs
+        skipped += other
+    return files, labels, subdirs, skipped
+
+
+def _skipped_note(path: str, skipped: list[str]) -> list[str]:
+    if not skipped:
+        return []
+    return [f"{path}: skipped {len(skipped)} file(s) that are not images (extensions other than "
+            f"{IMAGE_EXTENSIONS}, or broken links; e.g. {', '.join(skipped[:2])})"]
 
 
 def _folder(spec: str, path: str) -> Source:
     """Class subfolders, a flat folder, or split folders of class subfolders (`train/cat/1.png`, `test/cat/...`)."""
     if not os.path.isdir(path):
         raise DataError(f"{path}: folder: needs a directory")
-    subdirs = _subdirs(path)
-    if subdirs and not _list_images(path) and all(_is_split_dir(os.path.join(path, d)) for d in subdirs):
+    top, subdirs, skipped = _scan(path)
+    if subdirs and not top and all(_is_split_dir(os.path.join(path, d)) for d in subdirs):
         # SPLIT/CLASS/image: one labelled split per subfolder, train first (it is written first)
         splits, names = {}, None
         for split in sorted(subdirs, key=lambda d: (d != "train", d)):
             where = os.path.join(path, split)
-            files, labels, split_names = _folder_split(where, f"{where} (the {split} split)")
+            files, labels, split_names, split_skipped = _folder_split(where, f"{where} (the {split} split)")
             if names is None:
                 names, first = split_names, where
             elif split_names != names:
@@ -370,11 +398,13 @@ def _folder(spec: str, path: str) -> Source:
                                 f"{sorted(set(names) - set(split_names))}, extra: "
                                 f"{sorted(set(split_names) - set(names))}); every split needs the same classes")
             splits[split] = _files_split(files, labels)
-        return Source(spec, splits, names)
-    files, labels, names = _folder_split(path, path)
+            skipped += split_skipped
+        return Source(spec, splits, names, notes=_skipped_note(path, skipped))
+    files, labels, names, skipped = _folder_split(path, path)
     if not files:
         raise DataError(f"{path}: no images found (extensions {IMAGE_EXTENSIONS}); the dataset would be empty")
-    return Source(spec, {"train": _files_split(files, labels)}, names, named_splits=False)
+    return Source(spec, {"train": _files_split(files, labels)}, names, named_splits=False,
+                  notes=_skipped_note(path, skipped))
 
 
 def _files_split(files: list[str], labels: list[int]) -> SplitSource:

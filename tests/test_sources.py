@@ -247,3 +247,34 @@ def test_hidden_files_such_as_apple_double_are_skipped(tmp_path):
     images, labels, _, _ = dh.read_split(tmp_path / "out", "train")
     np.testing.assert_array_equal(images, x)
     np.testing.assert_array_equal(labels, y)
+
+
+def test_a_folder_inside_a_class_folder_is_an_error_naming_it(tmp_path):
+    d, _, _ = dh.make_image_folder(tmp_path / "f", {"cat": 2, "dog": 1})
+    dh.make_image_folder(tmp_path / "f" / "cat" / "2019", 1)
+    with pytest.raises(DataError, match=f"{tmp_path / 'f' / 'cat' / '2019'}: a folder inside the class folder "
+                                        f"{tmp_path / 'f' / 'cat'}; nested folders are not read"):
+        open_source(f"folder:{d}")
+
+
+def test_non_images_and_broken_links_are_skipped_with_one_note_and_jfif_is_read(tmp_path, capsys):
+    from PIL import Image
+
+    d, x, y = dh.make_image_folder(tmp_path / "f", {"cat": 2, "dog": 1})
+    jfif = dh.random_images(1, seed=5)[0]
+    Image.fromarray(jfif).save(tmp_path / "f" / "dog" / "photo.jfif", format="JPEG", quality=100)
+    with Image.open(tmp_path / "f" / "dog" / "photo.jfif") as im:
+        jfif = np.asarray(im)  # as decoded (JPEG is lossy)
+    (tmp_path / "f" / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "f" / "dog" / "gone.png").symlink_to(tmp_path / "missing.png")
+    for junk in (".DS_Store", "Thumbs.db", "desktop.ini"):  # operating system files: no note
+        (tmp_path / "f" / "cat" / junk).write_bytes(b"junk")
+    m = convert(f"folder:{d}", str(tmp_path / "out"), show_progress=False)
+    assert m.count("train") == 4
+    images, labels, _, _ = dh.read_split(tmp_path / "out", "train")
+    np.testing.assert_array_equal(images, np.concatenate([x, jfif[None]]))
+    np.testing.assert_array_equal(labels, [*y, 1])
+    err = capsys.readouterr().err
+    assert err.count("note: ") == 1
+    assert (f"note: {d}: skipped 2 file(s) that are not images" in err and "Thumbs" not in err
+            and f"e.g. {tmp_path / 'f' / 'cat' / 'notes.txt'}, {tmp_path / 'f' / 'dog' / 'gone.png'})" in err)
