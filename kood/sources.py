@@ -34,6 +34,8 @@ from kood.errors import ConfigError, DataError
 
 FORMS = ("tfds", "cifar", "folder", "npz", "npy", "mat")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+# Folder names that mark the DIR/SPLIT/CLASS/image layout when the tree is mixed (see `_folder`).
+SPLIT_NAMES = ("train", "test", "val", "valid", "validation")
 # Folder metadata that operating systems write: skipped without a note, like hidden names (.DS_Store).
 JUNK_FILES = ("thumbs.db", "desktop.ini")
 UNLABELLED = -1
@@ -400,6 +402,13 @@ def _folder(spec: str, path: str) -> Source:
             splits[split] = _files_split(files, labels)
             skipped += split_skipped
         return Source(spec, splits, names, notes=_skipped_note(path, skipped))
+    split_dirs = [d for d in subdirs if d in SPLIT_NAMES and _is_split_dir(os.path.join(path, d))]
+    if split_dirs and not top:
+        # else the class layout is assumed and the error would be about a split folder, not the stray one
+        stray = [d for d in subdirs if not _is_split_dir(os.path.join(path, d))]
+        raise DataError(f"{os.path.join(path, stray[0])}: not a split folder of class folders, but {path} has the "
+                        f"split folders {split_dirs} (the DIR/SPLIT/CLASS/image layout), where every subfolder of "
+                        f"{path} must be one; move or remove {stray}")
     files, labels, names, skipped = _folder_split(path, path)
     if not files:
         raise DataError(f"{path}: no images found (extensions {IMAGE_EXTENSIONS}); the dataset would be empty")

@@ -278,3 +278,12 @@ def test_non_images_and_broken_links_are_skipped_with_one_note_and_jfif_is_read(
     assert err.count("note: ") == 1
     assert (f"note: {d}: skipped 2 file(s) that are not images" in err and "Thumbs" not in err
             and f"e.g. {tmp_path / 'f' / 'cat' / 'notes.txt'}, {tmp_path / 'f' / 'dog' / 'gone.png'})" in err)
+
+
+def test_a_stray_folder_next_to_split_folders_is_the_one_the_error_names(tmp_path):
+    dh.make_image_folder(tmp_path / "imgs" / "train", {"cat": 2, "dog": 2})
+    dh.make_image_folder(tmp_path / "imgs" / "test", {"cat": 1, "dog": 1})
+    dh.make_image_folder(tmp_path / "imgs" / "unsorted", 3)
+    with pytest.raises(DataError, match=rf"imgs/unsorted: not a split folder of class folders, but .*imgs has the "
+                                        rf"split folders \['test', 'train'\] .*move or remove \['unsorted'\]"):
+        open_source(f"folder:{tmp_path / 'imgs'}")
