@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 
@@ -332,6 +333,11 @@ def synthesize(real_dir: str, out_dir: str, num_images: int, *, model: str = "gm
     if manifest.num_classes == 0:
         raise DataError(f"{real_dir}: has no labels (num_classes=0, kind={manifest.kind}); "
                         f"a class-conditional generator needs a labelled real set")
+    empty = [n for n, c in zip(manifest.class_names, class_counts(num_images, manifest.num_classes)) if c == 0]
+    if empty:  # before fitting, like the warning data_prep.synthetic --pseudo_label_model prints after labelling
+        print(f"warning: no image is generated for class(es) {empty} ({len(empty)} of {manifest.num_classes}): "
+              f"--num_images={num_images} is less than the {manifest.num_classes} classes; pass --num_images >= "
+              f"{manifest.num_classes}", file=sys.stderr)
     _, images, labels = read_split(real_dir, split)
     syn, syn_labels = generate(images, labels, manifest.num_classes, num_images, model=model,
                                epochs=epochs, seed=seed)

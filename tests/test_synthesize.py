@@ -92,3 +92,12 @@ def test_existing_out_is_refused_before_fitting(real_dir, tmp_path, monkeypatch)
     (tmp_path / "afile").write_text("")
     with pytest.raises(DataError, match="is a file, not a directory"):
         synthesize(real_dir, str(tmp_path / "afile"), 10)
+
+
+def test_fewer_images_than_classes_warns_naming_the_empty_classes(real_dir, tmp_path, capsys):
+    m = synthesize(real_dir, str(tmp_path / "syn"), 2, seed=0)
+    assert m.count("train") == 2
+    err = capsys.readouterr().err
+    assert "warning: no image is generated for class(es) ['c', 'd'] (2 of 4): --num_images=2 is less than" in err
+    synthesize(real_dir, str(tmp_path / "syn4"), 4, seed=0)
+    assert "warning" not in capsys.readouterr().err
