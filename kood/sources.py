@@ -158,8 +158,9 @@ def _class_names_from_labels(labels: list[np.ndarray], where: str) -> list[str]:
         missing = np.setdiff1d(np.arange(min(num_classes, len(present) + 5)), present)[:5].tolist()
         raise DataError(f"{where}: labels go up to {num_classes - 1} but {num_classes - len(present)} of the class "
                         f"ids 0..{num_classes - 1} have no images in any split (e.g. {missing}); class ids must be "
-                        f"0..K-1 with every class present. Relabel, e.g. with numpy over all splits' labels "
-                        f"together: classes, y = np.unique(y, return_inverse=True)")
+                        f"0..K-1 with every class present. Ids that are not 0..K-1 (e.g. 1..K): relabel, e.g. with "
+                        f"numpy over all splits' labels together: classes, y = np.unique(y, return_inverse=True). "
+                        f"A synthetic set, whose ids must be its ID set's: add images of the missing classes")
     return [str(i) for i in range(num_classes)]
 
 
