@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import tensorflow as tf
 
 from kood.errors import ConfigError, DataError
@@ -46,6 +47,8 @@ TRAIN_SHUFFLE_BUFFER = 10_000  # serialized records (~3 KB each at 32x32x3): ~30
 OUTLIER_SHUFFLE_BUFFER = 10_000
 MAX_OPEN_SHARDS = 8  # interleave cycle length: bounds read buffers however many shards a set has
 RESIZE_MODES = ("error", "resize", "center_crop")
+# eval_dataset's `limit` subset: a fixed seed, so a limited evaluation scores the same images every run
+LIMIT_SEED = 0
 
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
@@ -187,7 +190,10 @@ def eval_dataset(directory: str, split: str = "test", *, batch_size: int = 256,
         resize: what to do when the set's shape differs from `image_size`: `"error"` (DataError),
             `"resize"` (bilinear), `"center_crop"` (crop the centre; the set must be at least as large).
             A channel count of 1 <-> 3 is converted (grey to RGB by copying, RGB to grey by luminance).
-        limit: read at most this many images.
+        limit: read at most this many images: a random subset of the split, drawn with the fixed seed
+            `LIMIT_SEED` (the same images every run) and kept in file order. Not the first `limit`: a set
+            converted from class folders is stored sorted by class, so its first images are a few classes.
+            Every record is still read (skipped ones are not decoded).
 
     Returns:
         A `tf.data.Dataset`; the same order on every iteration (shards in manifest order).
@@ -203,18 +209,34 @@ def eval_dataset(directory: str, split: str = "test", *, batch_size: int = 256,
     manifest = read_manifest(directory)
     files = _shard_files(directory, manifest, split)
     target = _target_shape(directory, manifest.shape, image_size, resize)
+    count = manifest.count(split)
     ds = _records(files, shuffle=False, seed=0, buffer=0, count=0)
-    ds = ds.map(_parser(manifest, directory, check_labels=manifest.num_classes > 0), num_parallel_calls=AUTOTUNE)
     # A known length lets Keras show progress and fails loudly if the shards hold fewer records.
-    ds = ds.apply(tf.data.experimental.assert_cardinality(manifest.count(split)))
-    if limit is not None:
-        ds = ds.take(limit)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(count))
+    if limit is not None and limit < count:
+        keep = np.zeros(count, bool)
+        keep[limit_indices(count, limit)] = True
+        keep = tf.constant(keep)
+        ds = ds.enumerate().filter(lambda i, record: keep[i]).map(lambda i, record: record)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(limit))
+    ds = ds.map(_parser(manifest, directory, check_labels=manifest.num_classes > 0), num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size)
     if target != manifest.shape:
         ds = ds.map(lambda x, y: (_reshape_images(x, manifest.shape, target, resize), y),
                     num_parallel_calls=AUTOTUNE)
     ds = _augment_and_cast(ds, augment=False, seed=0, pad=0, flip=False, with_labels=True)
     return ds.prefetch(AUTOTUNE)
+
+
+def limit_indices(count: int, limit: int) -> np.ndarray:
+    """Sorted indices of the `min(limit, count)` records `eval_dataset(..., limit=limit)` reads of a split of `count`.
+
+    Example:
+        limit_indices(10_000, 200)   # 200 indices spread over the whole split, the same every call
+    """
+    if limit >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(LIMIT_SEED).choice(count, size=limit, replace=False))
 
 
 def _target_shape(directory: str, shape: tuple[int, int, int], image_size, resize: str) -> tuple[int, int, int]:

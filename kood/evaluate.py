@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import keras
 import numpy as np
 
-from kood.data import eval_dataset
+from kood.data import LIMIT_SEED, eval_dataset
 from kood.detectors import DETECTORS, collect_outputs, make_detector
 from kood.errors import ConfigError, DataError, check_output_dir, naming, run_app
 from kood.manifest import ID_KINDS, json_text, read_manifest_of, write_text_atomic
@@ -97,14 +97,16 @@ def parse_detectors(spec: str) -> list[str]:
 
 
 def _read(directory: str, split: str, role: str, split_flag: str, *, model_shape, resize: str, batch_size: int,
-          limit):
-    splits = sorted(read_manifest_of(f"{role} ", directory).splits)
+          limit) -> tuple:
+    """`(batches, images in the split)`."""
+    manifest = read_manifest_of(f"{role} ", directory)
+    splits = sorted(manifest.splits)
     if split not in splits:  # name the flag that reads another split (a held-out OOD set may have only 'train')
         hint = f"{split_flag}={splits[0]}" if len(splits) == 1 else f"{split_flag}=NAME, NAME one of them"
         raise DataError(f"{role} {directory}: no split {split!r}; it has {splits}. To read another split, pass {hint}")
     try:
         return eval_dataset(directory, split, batch_size=batch_size, image_size=model_shape, resize=resize,
-                            limit=limit)
+                            limit=limit), manifest.count(split)
     except DataError as e:
         raise DataError(naming(f"{role} ", directory, e)) from e
 
@@ -128,8 +130,9 @@ def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detec
             naming the set), `"resize"` or `"center_crop"`.
         convention: FPR95 convention, `"id"` (ID positive) or `"ood"`.
         batch_size: images per forward pass.
-        limit: at most this many images of the ID test set and of each OOD set.
-        fit_limit: at most this many fit images.
+        limit: at most this many images of the ID test set and of each OOD set: a random subset drawn with a
+            fixed seed (`kood.data.LIMIT_SEED`), the same every run.
+        fit_limit: at most this many fit images (drawn the same way).
         detector_params: `{detector: {hyperparameter: value}}`.
         certify: also compute the certified radius (`kood.certify.certify`, energy score).
         certify_options: extra keyword arguments of `kood.certify.certify`.
@@ -137,7 +140,9 @@ def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detec
 
     Returns:
         `{"convention", "convention_note", "id_accuracy", "detectors": {name: {"hyperparams", "sets",
-        "groups", "average"}}, "settings": {...}[, "certify": {...}][, "scores": {...}]}`.
+        "groups", "average"}}, "settings": {...}[, "certify": {...}][, "scores": {...}]}`. The settings'
+        `counts` and `split_sizes` are `{"id": n, "fit": n or None, "ood": {name: n}}`: images scored, and
+        images in each split read (more than scored when a limit applied).
 
     Example:
         evaluate(model, "data/cifar10", {"svhn": "data/svhn"}, ["energy", "knn"], groups={"far": ["svhn"]})
@@ -169,16 +174,18 @@ def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detec
             raise DataError(f"{fit_flag}={fit_dir}{default} is a set of kind {kind!r} (its manifest.json); detectors "
                             f"{needs_fit} are fitted on ID training data, a set of kind "
                             f"{' or '.join(map(repr, ID_KINDS))}: pass the model's ID training set as --fit_data")
-    id_ds = _read(id_dir, id_split, "ID set (--id_data)", "--id_split", limit=limit, **read)
-    ood_ds = {name: _read(d, ood_split, f"OOD set {name!r} (--ood)", "--ood_split", limit=limit, **read)
-              for name, d in ood_dirs.items()}
-    fit_ds = None
+    id_ds, id_size = _read(id_dir, id_split, "ID set (--id_data)", "--id_split", limit=limit, **read)
+    ood_read = {name: _read(d, ood_split, f"OOD set {name!r} (--ood)", "--ood_split", limit=limit, **read)
+                for name, d in ood_dirs.items()}
+    ood_ds = {name: ds for name, (ds, _) in ood_read.items()}
+    fit_ds = fit_size = fit_count = None
     if needs_fit:
-        fit_ds = _read(fit_dir, fit_split, f"detectors {needs_fit} need ID fit data (--fit_data, default: the "
-                       f"--id_data train split); fit set", "--fit_split", limit=fit_limit, **read)
+        fit_ds, fit_size = _read(fit_dir, fit_split, f"detectors {needs_fit} need ID fit data (--fit_data, default: "
+                                 f"the --id_data train split); fit set", "--fit_split", limit=fit_limit, **read)
 
     if fit_ds is not None:
         fit_out = collect_outputs(model, fit_ds, desc="fit data")
+        fit_count = int(len(fit_out["logits"]))
         for name in needs_fit:
             try:
                 dets[name].fit_outputs(fit_out)
@@ -205,7 +212,11 @@ def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detec
         "settings": {"id_data": id_dir, "id_split": id_split, "ood": dict(ood_dirs), "ood_split": ood_split,
                      "fit_data": fit_dir if needs_fit else None, "fit_split": fit_split if needs_fit else None,
                      "groups": groups, "resize": resize, "limit": limit, "fit_limit": fit_limit,
-                     "counts": {k: int(len(v["logits"])) for k, v in outputs.items()},
+                     "limit_seed": LIMIT_SEED if limit is not None or (needs_fit and fit_limit is not None) else None,
+                     "counts": {"id": int(len(outputs["id"]["logits"])), "fit": fit_count,
+                                "ood": {k: int(len(outputs[k]["logits"])) for k in ood_dirs}},
+                     "split_sizes": {"id": id_size, "fit": fit_size,
+                                     "ood": {k: size for k, (_, size) in ood_read.items()}},
                      "model_input_shape": list(model_shape)},
     }
     for det_name, det in dets.items():
@@ -245,6 +256,7 @@ def markdown_table(results: dict) -> str:
               + ", ".join(f"{name}={path}" for name, path in settings["ood"].items())]
     if settings.get("fit_data"):  # the detectors that need fitting depend on it
         lines.append(f"Fit data: {settings['fit_data']} (split {settings['fit_split']})")
+    lines.append(_counts_line(settings))
     lines += [f"Convention: {results['convention_note']}.",
               f"ID accuracy: {acc * 100:.2f}%" if acc is not None else "ID accuracy: n/a (unlabelled ID set)", "",
               "| detector | set | FPR95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |", "|---|---|---|---|---|---|"]
@@ -259,6 +271,21 @@ def markdown_table(results: dict) -> str:
         for name, m in [("ID (accepted)", c["id"])] + [(f"{k} (rejected)", v) for k, v in c["ood"].items()]:
             lines.append(f"| {name} | {m['count']} | {m['correct']} | {m['median_radius']:.4g} |")
     return "\n".join(lines) + "\n"
+
+
+def _counts_line(settings: dict) -> str:
+    """'Images scored: ID 200 of 397, ...': a limited evaluation's numbers are not the whole sets'."""
+    counts, sizes = settings["counts"], settings["split_sizes"]
+    entries = [("ID", counts["id"], sizes["id"])] + ([("fit", counts["fit"], sizes["fit"])] if counts["fit"] else [])
+    entries += [(name, n, sizes["ood"][name]) for name, n in counts["ood"].items()]
+    line = "Images scored: " + ", ".join(f"{name} {n}" + (f" of {size}" if n != size else "")
+                                         for name, n, size in entries)
+    limits = [f"--{flag}={settings[flag]}" for flag in ("limit", "fit_limit")
+              if settings[flag] is not None and (flag == "limit" or counts["fit"])]
+    if limits:
+        line += (f" ({', '.join(limits)}: a random subset of at most that many images per set, drawn with the "
+                 f"fixed seed {settings['limit_seed']}, the same every run)")
+    return line
 
 
 def write_reports(results: dict, output: str) -> None:
@@ -363,8 +390,11 @@ def define_flags() -> None:
                          "sampled local Lipschitz estimate (0 = gradient norm at x only).")
     flags.DEFINE_float("lipschitz_radius", 0.1, "With --certify: radius of that ball (normalized input units).")
     flags.DEFINE_integer("batch_size", 256, "Images per forward pass.")
-    flags.DEFINE_integer("limit", None, "Evaluate at most this many images of the ID test set and of each OOD set.")
-    flags.DEFINE_integer("fit_limit", None, "Use at most this many fit images.")
+    flags.DEFINE_integer("limit", None, "Evaluate a seeded random subset of at most this many images of the ID "
+                         "test set and of each OOD set, the same every run (not the first N: a set converted from "
+                         "class folders is stored sorted by class).")
+    flags.DEFINE_integer("fit_limit", None, "Fit detectors on a seeded random subset of at most this many fit "
+                         "images, the same every run.")
 
 
 def run_from_flags(flags_values) -> dict:

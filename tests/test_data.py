@@ -46,10 +46,22 @@ def test_eval_is_exact_in_order_and_unaugmented(tmp_path, encoding):
     assert [b[0].shape[0] for b in ds] == [16, 16, 16, 2]
 
 
-def test_eval_limit(tmp_path):
-    x, _ = _write(tmp_path / "d", n=50)
-    images, _ = _collect(data.eval_dataset(str(tmp_path / "d"), batch_size=8, limit=13))
-    np.testing.assert_array_equal(images, x[:13])
+def test_eval_limit_is_a_seeded_spread_subset_in_file_order(tmp_path):
+    # stored sorted by class, as a set converted from class folders: the first 20 images are 2 classes
+    labels = np.repeat(np.arange(10), 10)
+    x, _ = _write(tmp_path / "d", n=100, num_classes=10, labels=labels)
+    ds = data.eval_dataset(str(tmp_path / "d"), batch_size=8, limit=20)
+    images, got = _collect(ds)
+    assert len(images) == 20 and int(ds.cardinality()) == 3  # a known length (Keras progress)
+    assert len(np.unique(got)) >= 6  # spread over the classes, not the first 2
+    keep = data.limit_indices(100, 20)
+    assert np.all(np.diff(keep) > 0)  # file order
+    np.testing.assert_array_equal(images, x[keep])
+    np.testing.assert_array_equal(got, labels[keep])
+    again, _ = _collect(data.eval_dataset(str(tmp_path / "d"), batch_size=8, limit=20))
+    np.testing.assert_array_equal(again, images)  # the same subset every run
+    whole, _ = _collect(data.eval_dataset(str(tmp_path / "d"), batch_size=8, limit=500))
+    np.testing.assert_array_equal(whole, x)  # a limit above the count reads everything
 
 
 def test_eval_shape_mismatch_is_an_error_unless_resize_asked(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from kood import certify, evaluate
+from kood.data import limit_indices
 from kood.errors import ConfigError, DataError
 from kood.writer import write_arrays
 from tests.eval_helpers import digits_arrays, noise_images, trained_digits_model, write_eval_sets
@@ -43,7 +44,7 @@ def test_evaluate_library(sets):
     model = trained_digits_model()
     r = evaluate.evaluate(model, sets["id"], {"noise": sets["noise"]}, ["energy", "mahalanobis"],
                           groups={"far": ["noise"]}, limit=150, keep_scores=True)
-    assert r["settings"]["counts"] == {"id": 150, "noise": 150}
+    assert r["settings"]["counts"] == {"id": 150, "fit": 1400, "ood": {"noise": 150}}  # mahalanobis: fitted on all
     assert r["id_accuracy"] > 0.85
     for det in ("energy", "mahalanobis"):
         m = r["detectors"][det]["sets"]["noise"]
@@ -59,13 +60,42 @@ def test_evaluate_library(sets):
     assert "OOD is positive" in evaluate.markdown_table(r2)
 
 
+def test_limits_score_a_seeded_spread_subset_and_the_header_says_so(sets, tmp_path):
+    # the ID sets stored sorted by class, as sets converted from class folders are: the first 100 images
+    # would hold 3 classes
+    x_train, y_train, x_test, y_test = digits_arrays()
+    by_class = str(tmp_path / "by_class")
+    train_order, test_order = np.argsort(y_train, kind="stable"), np.argsort(y_test, kind="stable")
+    write_arrays(by_class, {"train": (x_train[train_order], y_train[train_order]),
+                            "test": (x_test[test_order], y_test[test_order])})
+    model = trained_digits_model()
+    r = evaluate.evaluate(model, by_class, {"noise": sets["noise"]}, ["energy", "knn"], limit=100, fit_limit=60,
+                          keep_scores=True)
+    assert r["settings"]["counts"] == {"id": 100, "fit": 60, "ood": {"noise": 100}}
+    assert r["settings"]["split_sizes"] == {"id": 397, "fit": 1400, "ood": {"noise": 200}}
+    assert r["settings"]["limit_seed"] == 0
+    # the subset is spread over the split (so over the classes), not its first 100 images
+    full = evaluate.evaluate(model, by_class, {"noise": sets["noise"]}, ["energy"], keep_scores=True)
+    np.testing.assert_allclose(r["scores"]["energy"]["id"],
+                               full["scores"]["energy"]["id"][limit_indices(397, 100)], rtol=1e-5)
+    assert len(np.unique(y_test[test_order][limit_indices(397, 100)])) == 10
+    again = evaluate.evaluate(model, by_class, {"noise": sets["noise"]}, ["energy", "knn"], limit=100, fit_limit=60,
+                              keep_scores=True)
+    np.testing.assert_array_equal(again["scores"]["knn"]["id"], r["scores"]["knn"]["id"])  # the same every run
+    assert ("Images scored: ID 100 of 397, fit 60 of 1400, noise 100 of 200 (--limit=100, --fit_limit=60: a "
+            "random subset of at most that many images per set, drawn with the fixed seed 0, the same every run)"
+            in evaluate.markdown_table(r))
+    assert "Images scored: ID 397, noise 200\n" in evaluate.markdown_table(full)
+    assert full["settings"]["limit_seed"] is None and full["settings"]["counts"]["fit"] is None
+
+
 def test_size_mismatch_needs_resize(sets):
     model = trained_digits_model()
     for name in ("big", "rgb"):
         with pytest.raises(DataError, match=f"OOD set '{name}' \\(--ood\\) {sets[name]}: images .*--resize=resize"):
             evaluate.evaluate(model, sets["id"], {name: sets[name]}, ["msp"])
     r = evaluate.evaluate(model, sets["id"], {"big": sets["big"]}, ["msp"], resize="center_crop", limit=50)
-    assert r["settings"]["counts"]["big"] == 50
+    assert r["settings"]["counts"]["ood"]["big"] == 50
 
 
 def test_missing_fit_data(sets, tmp_path):
@@ -113,7 +143,7 @@ def test_missing_split_names_the_flag_that_reads_another(sets, tmp_path):
                                         r"\['train'\]. To read another split, pass --ood_split=train$"):
         evaluate.evaluate(model, sets["id"], {"k": train_only}, ["energy"])
     r = evaluate.evaluate(model, sets["id"], {"k": train_only}, ["energy"], ood_split="train", limit=20)
-    assert r["settings"]["counts"]["k"] == 20
+    assert r["settings"]["counts"]["ood"]["k"] == 20
     with pytest.raises(DataError, match=r"it has \['test', 'train'\]. To read another split, pass "
                                         "--id_split=NAME, NAME one of them"):
         evaluate.evaluate(model, sets["id"], {"k": train_only}, ["energy"], id_split="val")
