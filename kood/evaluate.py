@@ -20,6 +20,7 @@ import io
 import json
 import os
 import shutil
+import sys
 from typing import Mapping, Sequence
 
 import keras
@@ -28,7 +29,7 @@ import numpy as np
 from kood.data import LIMIT_SEED, eval_dataset
 from kood.detectors import DETECTORS, collect_outputs, make_detector
 from kood.errors import ConfigError, DataError, check_output_dir, naming, run_app
-from kood.manifest import ID_KINDS, json_text, read_manifest_of, write_text_atomic
+from kood.manifest import ID_KINDS, fingerprint, json_text, read_manifest_of, write_text_atomic
 from kood.metrics import CONVENTION_NOTE, CONVENTIONS, METRICS, accuracy, metrics_table
 
 RESIZE_CHOICES = ("error", "resize", "center_crop")
@@ -257,6 +258,7 @@ def markdown_table(results: dict) -> str:
     if settings.get("fit_data"):  # the detectors that need fitting depend on it
         lines.append(f"Fit data: {settings['fit_data']} (split {settings['fit_split']})")
     lines.append(_counts_line(settings))
+    lines += [f"Warning: {w}" for w in settings.get("warnings", [])]
     lines += [f"Convention: {results['convention_note']}.",
               f"ID accuracy: {acc * 100:.2f}%" if acc is not None else "ID accuracy: n/a (unlabelled ID set)", "",
               "| detector | set | FPR95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |", "|---|---|---|---|---|---|"]
@@ -397,6 +399,25 @@ def define_flags() -> None:
                          "images, the same every run.")
 
 
+def aux_set_warnings(config: dict | None, ood: Mapping[str, str]) -> list[str]:
+    """One warning per OOD set that holds the records the run trained on as auxiliary outliers.
+
+    Compares manifest fingerprints with the one the run's config.json recorded for its --aux_data (as
+    kood.train does), so a copy or a moved set is recognised too. Runs that trained without auxiliary
+    data, or from before fingerprints were recorded, give none.
+
+    Example:
+        aux_set_warnings({"data_fingerprints": {"aux_data": "3f2a..."}}, {"tiny": "data/tiny300k"})
+    """
+    aux = ((config or {}).get("data_fingerprints") or {}).get("aux_data")
+    if not aux:
+        return []
+    return [f"--ood={name}={directory} is the auxiliary training set of the run (its --aux_data): its numbers "
+            f"will not be those of held-out OOD data"
+            for name, directory in ood.items()
+            if fingerprint(read_manifest_of(f"OOD set {name!r} (--ood) ", directory)) == aux]
+
+
 def run_from_flags(flags_values) -> dict:
     """Runs the evaluation described by parsed absl flags; returns the results (with scores)."""
     from kood.models import load_classifier
@@ -423,6 +444,9 @@ def run_from_flags(flags_values) -> dict:
     model_file, config = resolve_model(flags_values.model_dir)
     if not flags_values.id_data:  # as kood.export does
         flags_values.id_data = run_id_data(flags_values.model_dir, config)
+    warnings = aux_set_warnings(config, ood)
+    for warning in warnings:  # before the scoring, which can take a while
+        print(f"warning: {warning}", file=sys.stderr)
     model = load_classifier(model_file)
     # The energy score (and --certify's) uses the T the run trained with, as kood.export does.
     run_t = run_temperature(config)
@@ -437,7 +461,7 @@ def run_from_flags(flags_values) -> dict:
                          "lipschitz_radius": flags_values.lipschitz_radius, "temperature": run_t or 1.0},
         keep_scores=True)
     results["settings"].update(model_dir=flags_values.model_dir, model_file=os.path.abspath(model_file),
-                               run_finished=run_finished(model_file))
+                               run_finished=run_finished(model_file), warnings=warnings)
     write_reports(results, flags_values.output)
     print(markdown_table(results))
     return results

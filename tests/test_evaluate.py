@@ -246,6 +246,36 @@ def test_energy_and_certify_use_the_run_temperature(sets, tmp_path, capsys):
     assert "had not finished" not in (tmp_path / "o2" / "results.md").read_text()
 
 
+def test_an_ood_set_that_is_the_runs_auxiliary_set_is_warned_about(sets, tmp_path, capsys):
+    import shutil
+
+    from kood.manifest import fingerprint, read_manifest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(sets["model"], run / "best.keras")
+    (run / "results.json").write_text("{}")
+    aux = str(tmp_path / "aux_copy")  # a copy of the run's aux set: the same records at another path
+    shutil.copytree(sets["noise"], aux)
+    other = str(tmp_path / "other")
+    write_arrays(other, {"test": (noise_images(30, seed=7), -np.ones(30, np.int64))}, kind="ood")
+    (run / "config.json").write_text(json.dumps({"method": "energy", "aux_data": "/elsewhere/noise",
+                                                 "data_fingerprints": {"aux_data": fingerprint(read_manifest(aux))}}))
+    values = _flag_values(model_dir=str(run), id_data=sets["id"], ood=f"aux={aux},other={other}",
+                          output=str(tmp_path / "out"), limit=20)
+    results = evaluate.run_from_flags(values)
+    warning = f"--ood=aux={aux} is the auxiliary training set of the run (its --aux_data)"
+    err = capsys.readouterr().err
+    assert f"warning: {warning}" in err and "--ood=other" not in err
+    assert f"Warning: {warning}" in (tmp_path / "out" / "results.md").read_text()
+    assert results["settings"]["warnings"] == [f"{warning}: its numbers will not be those of held-out OOD data"]
+    # a run without auxiliary data (no aux fingerprint recorded): no warning
+    (run / "config.json").write_text(json.dumps({"method": "ce", "data_fingerprints": {"id_data": "x"}}))
+    values.output = str(tmp_path / "out2")
+    assert evaluate.run_from_flags(values)["settings"]["warnings"] == []
+    assert "auxiliary training set" not in capsys.readouterr().err
+
+
 def test_run_temperature_reads_old_configs_that_todays_checks_refuse():
     from kood.rundir import run_temperature
 
