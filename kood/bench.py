@@ -61,7 +61,6 @@ CE_ROW = "ce+energy-score"
 RESULT_FILE = "bench_result.json"
 OUTPUT_TOKEN = "{output}"  # stored paths inside --output start with it: a moved output resumes
 PATH_KEYS = ("model_dir", "init_checkpoint", "init")  # signature entries that are paths
-CELL_OVERHEAD_SECONDS = 20.0  # budget estimate per cell: process-side model build, compile, evaluation
 AUX_STATS_LIMIT = 2000  # auxiliary images scored for the energy statistics of each cell
 
 
@@ -335,7 +334,8 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
 
     Returns:
         `{"methods": {name: {"step_seconds", "step_ratio", "pipeline_batches_per_second",
-        "pipeline_images_per_second", "pipeline_ratio"}}, "steps", "reps", "batch_size", "arch"}`.
+        "pipeline_images_per_second", "pipeline_ratio", "setup_seconds"}}, "steps", "reps", "batch_size", "arch"}`;
+        `setup_seconds`: model build, compile, first batch and the first (traced) train steps, once.
 
     Example:
         measure_speed(cfg, ["energy", "greg", "greg_plus"], steps=10, reps=3)
@@ -349,8 +349,9 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
                           f"reps={reps}, pipeline_batches={pipeline_batches}")
     names = ["ce"] + [m for m in methods if m != "ce"]
     manifest = read_manifest(cfg.id_data)
-    trainers, fixed, images_per_batch = {}, {}, {}
+    trainers, fixed, images_per_batch, setup = {}, {}, {}, {}
     for name in names:
+        start = time.perf_counter()
         base, _ = split_method(name)
         keras.utils.set_random_seed(0)
         model = build_classifier(cfg.arch, input_shape=manifest.shape, num_classes=manifest.num_classes,
@@ -363,6 +364,7 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
         # shuffle=False: Keras cannot shuffle a Dataset and warns on its default shuffle=True
         trainer.fit(fixed[name], epochs=1, steps_per_epoch=2, shuffle=False, verbose=0)  # trace + compile
         trainers[name] = trainer
+        setup[name] = time.perf_counter() - start  # what a training run spends before its steps
     step_times = {n: [] for n in names}
     pipe_times = {n: [] for n in names}
     with Progress("speed", total=reps * len(names), unit="timing") as bar:
@@ -391,7 +393,7 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
             "pipeline_batches_per_second": float(1.0 / np.median(pipe_times[name])),
             "pipeline_images_per_second": float(images_per_batch[name] / np.median(pipe_times[name])),
             "pipeline_ratio": float(np.median(np.array(pipe_times[name]) / np.array(pipe_times["ce"]))),
-            "images_per_batch": images_per_batch[name],
+            "images_per_batch": images_per_batch[name], "setup_seconds": setup[name],
             "step_seconds_per_rep": step_times[name], "pipeline_seconds_per_rep": pipe_times[name],
         }
     return {"methods": out, "steps": steps, "reps": reps, "pipeline_batches": pipeline_batches,
@@ -434,7 +436,10 @@ def make_plan(cfg: BenchConfig) -> dict:
 
     The estimate is seeds x (pretrain steps x CE step time + fine-tune steps x each method's step
     time) with step time = compute + input-pipeline time per batch from `measure_speed` (a few
-    steps), plus CELL_OVERHEAD_SECONDS per cell. Both epoch counts are scaled by the same factor.
+    steps), plus each cell's overhead, also from `measure_speed`: the setup (model build, compile,
+    first traced steps) of each training run, and for each evaluated cell a CE setup (model load and
+    tracing) plus one forward pass over its test images (`_eval_images`; a third of a CE train step
+    per batch: backward costs about two forwards). Both epoch counts are scaled by the same factor.
     """
     plan = {"budget_minutes": cfg.budget_minutes,
             "pretrain_epochs": {"requested": cfg.pretrain_epochs, "used": cfg.pretrain_epochs},
@@ -451,8 +456,11 @@ def make_plan(cfg: BenchConfig) -> dict:
 
     pre = 0.0 if cfg.init_checkpoint else cfg.pretrain_epochs * _steps_per_epoch(cfg, "ce") * seconds("ce")
     fine = sum(cfg.finetune_epochs * _steps_per_epoch(cfg, m) * seconds(m) for m in trained)
-    cells = len(cfg.methods) + (0 if cfg.init_checkpoint else 1)
-    overhead = cfg.seeds * cells * CELL_OVERHEAD_SECONDS
+    setup = {m: speed[m]["setup_seconds"] for m in speed}
+    evaluation = setup["ce"] + _eval_images(cfg) / cfg.batch_size * speed["ce"]["step_seconds"] / 3
+    # per seed: pretraining (no evaluation), the evaluation-only ce cell, each trained cell
+    per_seed = (0.0 if cfg.init_checkpoint else setup["ce"]) + len(cfg.methods) * evaluation
+    overhead = cfg.seeds * (per_seed + sum(setup[m] for m in trained))
     train = cfg.seeds * (pre + fine)
     budget = cfg.budget_minutes * 60.0
     factor = min(1.0, max(0.0, budget - overhead) / train) if train > 0 else 1.0
@@ -460,10 +468,20 @@ def make_plan(cfg: BenchConfig) -> dict:
         plan[key]["used"] = max(1, int(plan[key]["requested"] * factor))
     used = cfg.seeds * (pre * plan["pretrain_epochs"]["used"] / cfg.pretrain_epochs
                         + fine * plan["finetune_epochs"]["used"] / cfg.finetune_epochs) + overhead
-    plan.update(estimate_seconds=round(train + overhead, 1), scale=round(factor, 4),
+    plan.update(estimate_seconds=round(train + overhead, 1), overhead_seconds=round(overhead, 1),
+                scale=round(factor, 4),
                 estimate_used_seconds=round(used, 1), fits=used <= budget,
                 step_seconds={m: round(seconds(m), 5) for m in speed})
     return plan
+
+
+def _eval_images(cfg: BenchConfig) -> int:
+    """Images one cell's evaluation scores: the ID test split, each OOD set's and the auxiliary sample."""
+    count = read_manifest(cfg.id_data).count("test") + sum(read_manifest(d).count("test") for d in cfg.ood.values())
+    if cfg.aux_data:
+        aux = read_manifest(cfg.aux_data)
+        count += min(AUX_STATS_LIMIT, aux.count(next(iter(aux.splits))))
+    return count
 
 
 def _load_or_make_plan(cfg: BenchConfig) -> dict:
