@@ -404,7 +404,7 @@ def final_evaluation(model: keras.Model, cfg: RunConfig, mcfg: MethodConfig, man
         return {}
     s_id, correct = _scores(model, cfg.id_data, split, mcfg.temperature)
     results = {"id_split": split, "id_accuracy": float(correct.mean()), "score": "energy",
-               "fpr_convention": "ID positive (fraction of OOD accepted at 95% ID TPR)", "ood": {}}
+               "fpr_convention": "ID positive (share of OOD accepted at 95% ID TPR)", "ood": {}}
     for name, directory in cfg.ood_data.items():
         split = ood_split(read_manifest(directory))
         s_ood, _ = _scores(model, directory, split, mcfg.temperature)
