@@ -28,7 +28,7 @@ import numpy as np
 
 from kood.data import LIMIT_SEED, eval_dataset
 from kood.detectors import DETECTORS, collect_outputs, make_detector
-from kood.errors import ConfigError, DataError, check_output_dir, naming, run_app
+from kood.errors import ConfigError, DataError, check_output_dir, naming, parse_key_values, run_app
 from kood.manifest import ID_KINDS, fingerprint, json_text, read_manifest_of, write_text_atomic
 from kood.metrics import CONVENTION_NOTE, CONVENTIONS, METRICS, accuracy, metrics_table
 
@@ -55,6 +55,28 @@ def parse_ood(spec: str) -> dict[str, str]:
             raise ConfigError(f"--ood names the set {name!r} twice. Received: --ood={spec!r}")
         result[name] = path
     return result
+
+
+def ood_splits(spec: str | Mapping[str, str], ood_names: Sequence[str]) -> dict[str, str]:
+    """The split read from each OOD set: `"test"` for all, `"kmnist=train"` for one (others `test`), or
+    `"val,kmnist=train"` (a plain item is the others' split). A mapping is taken as per-set splits.
+
+    Example:
+        ood_splits("kmnist=train", ["svhn", "kmnist"])   # {'svhn': 'test', 'kmnist': 'train'}
+    """
+    if isinstance(spec, Mapping):
+        per_set, default = dict(spec), "test"
+    else:
+        items = [item.strip() for item in (spec or "").split(",") if item.strip()]
+        plain = [item for item in items if "=" not in item]
+        if len(plain) > 1:
+            raise ConfigError(f"--ood_split takes one split for all sets and NAME=SPLIT items. Received: {spec!r}")
+        default = plain[0] if plain else "test"
+        per_set = parse_key_values([item for item in items if "=" in item], "ood_split", typed=False)
+    unknown = sorted(set(per_set) - set(ood_names))
+    if unknown:
+        raise ConfigError(f"--ood_split names {unknown}, which --ood does not (sets: {list(ood_names)})")
+    return {name: per_set.get(name, default) for name in ood_names}
 
 
 def parse_groups(spec: str | None, ood_names: Sequence[str]) -> dict[str, list[str]]:
@@ -114,7 +136,7 @@ def _read(directory: str, split: str, role: str, split_flag: str, *, model_shape
 
 def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detectors: Sequence[str], *,
              fit_dir: str | None = None, fit_split: str = "train", id_split: str = "test",
-             ood_split: str = "test", groups: Mapping[str, Sequence[str]] | None = None, resize: str = "error",
+             ood_split: str | Mapping[str, str] = "test", groups: Mapping[str, Sequence[str]] | None = None, resize: str = "error",
              convention: str = "id", batch_size: int = 256, limit: int | None = None, fit_limit: int | None = None,
              detector_params: Mapping[str, dict] | None = None, certify: bool = False,
              certify_options: dict | None = None, keep_scores: bool = False) -> dict:
@@ -123,7 +145,8 @@ def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detec
     Args:
         model: a kood classifier.
         id_dir: ID dataset directory (its `id_split` is the ID test set).
-        ood_dirs: `{name: dataset dir}` of OOD sets (their `ood_split`).
+        ood_dirs: `{name: dataset dir}` of OOD sets.
+        ood_split: the split read from each OOD set: one for all, or per set (see `ood_splits`).
         detectors: names from `kood.detectors.DETECTORS`.
         fit_dir: ID data for detectors that need fitting (default: `id_dir`), split `fit_split`.
         groups: `{group: [OOD set names]}`, e.g. near / far.
@@ -176,7 +199,8 @@ def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detec
                             f"{needs_fit} are fitted on ID training data, a set of kind "
                             f"{' or '.join(map(repr, ID_KINDS))}: pass the model's ID training set as --fit_data")
     id_ds, id_size = _read(id_dir, id_split, "ID set (--id_data)", "--id_split", limit=limit, **read)
-    ood_read = {name: _read(d, ood_split, f"OOD set {name!r} (--ood)", "--ood_split", limit=limit, **read)
+    splits = ood_splits(ood_split, list(ood_dirs))
+    ood_read = {name: _read(d, splits[name], f"OOD set {name!r} (--ood)", f"--ood_split={name}", limit=limit, **read)
                 for name, d in ood_dirs.items()}
     ood_ds = {name: ds for name, (ds, _) in ood_read.items()}
     fit_ds = fit_size = fit_count = None
@@ -210,7 +234,7 @@ def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detec
         "convention": convention, "convention_note": CONVENTION_NOTE[convention],
         "id_accuracy": accuracy(outputs["id"]["logits"], id_labels) if labelled else None,
         "detectors": {},
-        "settings": {"id_data": id_dir, "id_split": id_split, "ood": dict(ood_dirs), "ood_split": ood_split,
+        "settings": {"id_data": id_dir, "id_split": id_split, "ood": dict(ood_dirs), "ood_split": splits,
                      "fit_data": fit_dir if needs_fit else None, "fit_split": fit_split if needs_fit else None,
                      "groups": groups, "resize": resize, "limit": limit, "fit_limit": fit_limit,
                      "limit_seed": LIMIT_SEED if limit is not None or (needs_fit and fit_limit is not None) else None,
@@ -254,7 +278,9 @@ def markdown_table(results: dict) -> str:
                                                    if settings.get("run_finished") is False else "")
              ] if settings.get("model_file") else []
     lines += [f"ID data: {settings['id_data']} (split {settings['id_split']}); OOD: "
-              + ", ".join(f"{name}={path}" for name, path in settings["ood"].items())]
+              + ", ".join(f"{name}={path}" + (f" (split {settings['ood_split'][name]})"
+                                                   if settings["ood_split"][name] != "test" else "")
+                          for name, path in settings["ood"].items())]
     if settings.get("fit_data"):  # the detectors that need fitting depend on it
         lines.append(f"Fit data: {settings['fit_data']} (split {settings['fit_split']})")
     lines.append(_counts_line(settings))
@@ -377,7 +403,8 @@ def define_flags() -> None:
                         "default: --id_data.")
     flags.DEFINE_string("fit_split", "train", "Split of --fit_data.")
     flags.DEFINE_string("id_split", "test", "Split of --id_data used as the ID test set.")
-    flags.DEFINE_string("ood_split", "test", "Split read from every OOD set.")
+    flags.DEFINE_string("ood_split", "test", "Split read from the OOD sets: one for all (e.g. test), and/or "
+                        "NAME=SPLIT for single sets, e.g. 'kmnist=train' (the others read test).")
     flags.DEFINE_string("ood_groups", None, "Groups of OOD sets averaged together: GROUP=SET,SET[;GROUP=SET...], "
                         "e.g. 'near=cifar100;far=svhn,textures'.")
     flags.DEFINE_enum("resize", "error", list(RESIZE_CHOICES), "How to feed sets whose image size or channels "
@@ -441,6 +468,7 @@ def run_from_flags(flags_values) -> dict:
     detectors = parse_detectors(flags_values.detectors)
     ood = parse_ood(flags_values.ood)
     groups = parse_groups(flags_values.ood_groups, list(ood))
+    splits = ood_splits(flags_values.ood_split, list(ood))
     model_file, config = resolve_model(flags_values.model_dir)
     if not flags_values.id_data:  # as kood.export does
         flags_values.id_data = run_id_data(flags_values.model_dir, config)
@@ -454,7 +482,7 @@ def run_from_flags(flags_values) -> dict:
         params["energy"] = {**params.get("energy", {}), "temperature": run_t}
     results = evaluate(
         model, flags_values.id_data, ood, detectors, fit_dir=flags_values.fit_data, fit_split=flags_values.fit_split,
-        id_split=flags_values.id_split, ood_split=flags_values.ood_split, groups=groups, resize=resize,
+        id_split=flags_values.id_split, ood_split=splits, groups=groups, resize=resize,
         convention=flags_values.fpr_convention, batch_size=flags_values.batch_size, limit=flags_values.limit,
         fit_limit=flags_values.fit_limit, detector_params=params, certify=flags_values.certify,
         certify_options={"lipschitz_samples": flags_values.lipschitz_samples,

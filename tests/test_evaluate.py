@@ -140,10 +140,19 @@ def test_missing_split_names_the_flag_that_reads_another(sets, tmp_path):
     write_arrays(train_only, {"train": (noise_images(30), -np.ones(30, np.int64))}, kind="ood")
     model = trained_digits_model()
     with pytest.raises(DataError, match=f"OOD set 'k' \\(--ood\\) {train_only}: no split 'test'; it has "
-                                        r"\['train'\]. To read another split, pass --ood_split=train$"):
+                                        r"\['train'\]. To read another split, pass --ood_split=k=train$"):
         evaluate.evaluate(model, sets["id"], {"k": train_only}, ["energy"])
     r = evaluate.evaluate(model, sets["id"], {"k": train_only}, ["energy"], ood_split="train", limit=20)
     assert r["settings"]["counts"]["ood"]["k"] == 20
+    # one evaluation over a test-only and a train-only set: the split per set
+    r = evaluate.evaluate(model, sets["id"], {"noise": sets["noise"], "k": train_only}, ["energy"],
+                          ood_split="k=train", limit=20)
+    assert r["settings"]["ood_split"] == {"noise": "test", "k": "train"}
+    assert f"noise={sets['noise']}, k={train_only} (split train)" in evaluate.markdown_table(r)
+    assert evaluate.ood_splits("val,k=train", ["a", "k"]) == {"a": "val", "k": "train"}
+    for bad, message in (("test,val", "one split for all sets"), ("x=train", r"names \['x'\], which --ood does not")):
+        with pytest.raises(ConfigError, match=message):
+            evaluate.ood_splits(bad, ["a", "k"])
     with pytest.raises(DataError, match=r"it has \['test', 'train'\]. To read another split, pass "
                                         "--id_split=NAME, NAME one of them"):
         evaluate.evaluate(model, sets["id"], {"k": train_only}, ["energy"], id_split="val")
