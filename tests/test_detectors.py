@@ -105,6 +105,21 @@ def test_ash_variants(variant):
         np.testing.assert_allclose(out[i], want, rtol=1e-10)
 
 
+@pytest.mark.parametrize("width", [16, 64, 342, 512])
+def test_ash_keeps_the_reference_top_k_also_among_relu_zeros(width):
+    # the paper's code: k = D - round(D * p / 100) by torch.topk; mostly-zero (ReLU) features keep k, not all D
+    h = np.zeros((3, width))
+    h[:, : width // 4] = RNG.uniform(0.5, 1.0, (3, width // 4))
+    k = width - int(np.round(width * 0.9))
+    for variant in ("s", "p", "b"):
+        out = ash_features(h, 90.0, variant)
+        assert (out != 0).sum(axis=1).tolist() == [k] * 3, variant
+    top = np.sort(np.argsort(-h, axis=1)[:, :k], axis=1)
+    np.testing.assert_array_equal(np.sort(np.nonzero(ash_features(h, 90.0, "b"))[1].reshape(3, k), axis=1), top)
+    np.testing.assert_allclose(ash_features(h, 90.0, "b")[np.arange(3)[:, None], top], np.repeat(
+        h.sum(1, keepdims=True) / k, k, axis=1), rtol=1e-12)
+
+
 def test_knn_is_kth_neighbour_distance():
     bank_raw = RNG.normal(0, 1, (40, D))
     zq = FEATURES / np.linalg.norm(FEATURES, axis=1, keepdims=True)
@@ -179,6 +194,9 @@ def test_odin_perturbs_against_the_gradient():
     np.testing.assert_allclose(make_detector("odin", model, temperature=t, eps=eps).score(x), want, rtol=1e-5)
     # the perturbation raises the max softmax, so eps > 0 lowers the score
     assert np.all(want <= make_detector("odin", model, temperature=t, eps=0.0).score(x) + 1e-7)
+    from kood.detectors.odin import gradient_sign
+
+    assert gradient_sign(tf.constant([-2.0, 0.0, 3.0])).numpy().tolist() == [-1.0, 1.0, 1.0]  # the reference's 0
 
 
 def test_detector_wiring_equals_pure_functions():

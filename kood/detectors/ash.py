@@ -16,9 +16,12 @@ VARIANTS = ("s", "p", "b")
 
 
 def ash_features(features: np.ndarray, percentile: float = 90.0, variant: str = "s") -> np.ndarray:
-    """Per sample: zero the activations below its `percentile`-th percentile, then
-    `"p"`: keep the rest; `"s"`: scale the rest by exp(sum before / sum after);
-    `"b"`: set the rest to sum before / number kept.
+    """Per sample: keep the k = D - round(D * percentile / 100) largest of its D activations (as the
+    paper's code, `torch.topk`) and zero the others, then `"p"`: leave the kept ones; `"s"`: scale
+    them by exp(sum before / sum after); `"b"`: set each to sum before / k.
+
+    A count, not a percentile threshold: with many exact zeros (ReLU) a threshold of 0 would keep
+    every activation, and ASH-B would spread the sum over all D.
 
     Example:
         ash_features(h, 90, "s")
@@ -27,7 +30,9 @@ def ash_features(features: np.ndarray, percentile: float = 90.0, variant: str = 
         raise ConfigError(f"ash: `variant` must be one of {VARIANTS}. Received: variant={variant!r}")
     h = np.asarray(features, np.float64)
     total = h.sum(axis=1, keepdims=True)
-    keep = h >= np.percentile(h, percentile, axis=1, keepdims=True)
+    k = max(h.shape[1] - int(np.round(h.shape[1] * percentile / 100.0)), 1)
+    keep = np.zeros(h.shape, bool)
+    np.put_along_axis(keep, np.argpartition(-h, k - 1, axis=1)[:, :k], True, axis=1)
     pruned = np.where(keep, h, 0.0)
     if variant == "p":
         return pruned

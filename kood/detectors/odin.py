@@ -21,6 +21,12 @@ def odin_score(logits: np.ndarray, temperature: float = 1000.0) -> np.ndarray:
     return -probabilities(logits, temperature).max(axis=1)
 
 
+def gradient_sign(grad: tf.Tensor) -> tf.Tensor:
+    """+1 where `grad >= 0`, else -1: the paper's code (`(ge(grad, 0) - 0.5) * 2`); `tf.sign` would not
+    move pixels whose gradient is exactly 0."""
+    return tf.where(grad >= 0, 1.0, -1.0)
+
+
 class Odin(Detector):
     """Temperature `temperature` (paper: 1000) and input perturbation `eps` (paper: 0.0014 on CIFAR);
     needs the images (a gradient w.r.t. the input), no fit. `eps=0` is temperature-scaled MSP.
@@ -49,7 +55,7 @@ class Odin(Detector):
             logits = self.model(x, training=False) / self.temperature
             loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
                 tf.argmax(logits, axis=1), logits))
-        x = x - (255.0 * self.eps) * tf.sign(tape.gradient(loss, x))
+        x = x - (255.0 * self.eps) * gradient_sign(tape.gradient(loss, x))
         return self.model(x, training=False)
 
     def score(self, images) -> np.ndarray:
