@@ -126,7 +126,7 @@ def part_functions(trainer: OODTrainer, batch_size: int, rng: np.random.Generato
     variables = trainer.classifier.trainable_variables
     x2 = tf.constant(rng.integers(0, 256, (2 * batch_size, *IMAGE_SHAPE)).astype(np.float32))
     x3 = tf.constant(rng.integers(0, 256, (3 * batch_size, *IMAGE_SHAPE)).astype(np.float32))
-    pool = tf.constant(rng.integers(0, 256, (cfg.pool_factor * batch_size, *IMAGE_SHAPE)).astype(np.float32))
+    pool = tf.constant(rng.integers(0, 256, (int(round(cfg.pool_factor * batch_size)), *IMAGE_SHAPE)).astype(np.float32))
     b = batch_size
 
     def energies(x, training):
@@ -169,7 +169,7 @@ def part_functions(trainer: OODTrainer, batch_size: int, rng: np.random.Generato
         "forward+backprop, 2B (energy)": lambda: float(backprop(x2)),
         "forward+double backprop, 2B (greg)": lambda: float(double_backprop(x2)),
         "forward+double backprop, 3B (greg_plus)": lambda: float(double_backprop(x3)),
-        f"pool forward, inference, {cfg.pool_factor}B": lambda: float(tf.reduce_sum(pool_forward(pool)[1])),
+        f"pool forward, inference, {cfg.pool_factor:g}B": lambda: float(tf.reduce_sum(pool_forward(pool)[1])),
         f"sampler: k-means (k={min(cfg.cluster_k, b)}, {cfg.kmeans_iters} it) + pick": lambda: int(
             tf.reduce_sum(sampler(tf.constant([0, next(step)], tf.int64)))),
     }

@@ -33,7 +33,9 @@ class MethodConfig:
             (the model's input after mean/std, the paper's choice) or `pixel` (0..255).
         sampler: `random` (a random auxiliary batch) or `energy_cluster` (GReg+ Algorithm 1).
         cluster_k: K-means clusters, used as min(cluster_k, B_id).
-        pool_factor: GReg+ candidate pool size as a multiple of the ID batch size.
+        pool_factor: GReg+ candidate pool size as a multiple of the ID batch size (may be fractional;
+            the pool is round(pool_factor x B)). methods.md's rule is N_aux / N_id (the auxiliary
+            set read once per epoch): 6 for CIFAR (50K) with 300K RandomImages, the default.
         two_way: GReg+ takes both the lowest- and highest-energy sample of each cluster.
         kmeans_iters: Lloyd iterations of the in-graph K-means.
         pool_dtype: compute dtype of the GReg+ candidate-pool forward (weights stay float32):
@@ -54,7 +56,7 @@ class MethodConfig:
     grad_space: str = "normalized"
     sampler: str = "random"
     cluster_k: int = 64
-    pool_factor: int = 6
+    pool_factor: float = 6.0
     two_way: bool = True
     kmeans_iters: int = 10
     pool_dtype: str = "float32"
@@ -105,6 +107,8 @@ class MethodConfig:
             bad("m_in", f"must be below --m_out={self.m_out} (ID energies are pushed below m_in, outliers above m_out)")
         if self.cluster_k < 1:
             bad("cluster_k", "must be >= 1")
+        if not math.isfinite(self.pool_factor):
+            bad("pool_factor", "must be a finite number")
         if self.pool_factor < 2 and self.sampler == "energy_cluster":
             bad("pool_factor", "must be >= 2 for the energy_cluster sampler, which selects 2 x batch_size")
         if self.kmeans_iters < 1:

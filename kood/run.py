@@ -295,12 +295,15 @@ def _trained_with(init_checkpoint: str) -> str:
     return f"; its run ({config}) used {_arch_flags(saved.get('arch'), saved.get('arch_kwargs') or {})}"
 
 
-def _describe(cfg: RunConfig, mcfg: MethodConfig, manifest, steps: int, aux_batch: int, epoch: int) -> str:
+def _describe(cfg: RunConfig, mcfg: MethodConfig, manifest, steps: int, aux_batch: int, epoch: int,
+              num_aux: int | None = None) -> str:
     """What is about to run, in two lines: the method's resolved flags, then model, data and schedule."""
     settings = ", ".join(f"{k}={v}" for k, v in mcfg.used().items())
     aux = f" + {aux_batch} auxiliary" if mcfg.uses_aux else ""
     if mcfg.uses_aux and mcfg.sampler == "energy_cluster":
-        aux = f" + {2 * cfg.batch_size} auxiliary chosen from {aux_batch} candidates"
+        # methods.md's pool is N_aux / N_id x B (every auxiliary image once per epoch); say how far the flag is
+        rule = f" (the paper's rule N_aux / N_id would be {num_aux / manifest.count('train'):.3g})" if num_aux else ""
+        aux = f" + {2 * cfg.batch_size} auxiliary chosen from {aux_batch} candidates{rule}"
     synthetic = cfg.batch_size - int(cfg.batch_size * cfg.sio_ratio)  # kood.data's split of each batch
     sio = (f" ({synthetic} of them synthetic, {synthetic / cfg.batch_size:.0%}, from {cfg.syn_data})"
            if cfg.sio_ratio < 1 else "")
@@ -574,7 +577,9 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
             probe_aux = next(iter(data.eval_dataset(cfg.aux_data, next(iter(read_manifest(cfg.aux_data).splits)),
                                                     batch_size=trainer.aux_batch_size(cfg.batch_size))))[0]
         if cfg.verbose:
-            print(_describe(cfg, mcfg, manifest, steps, trainer.aux_batch_size(cfg.batch_size), state["epoch"]),
+            num_aux = read_manifest(cfg.aux_data).count("train") if cfg.aux_data and mcfg.uses_aux else None
+            print(_describe(cfg, mcfg, manifest, steps, trainer.aux_batch_size(cfg.batch_size), state["epoch"],
+                            num_aux),
                   _selection_note(cfg, manifest), sep="\n", file=sys.stderr, flush=True)
         hparams = {"method": cfg.method, "arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr,
                    "batch_size": cfg.batch_size, "epochs": cfg.epochs, "sio_ratio": cfg.sio_ratio, "seed": cfg.seed,

@@ -164,7 +164,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
                 tf.summary.histogram("energy/aux", s_aux)
                 norms.append(trainer.score_grad_norm(self.probe_aux))
                 if cfg.sampler == "energy_cluster":
-                    num_id = int(self.probe_aux.shape[0]) // cfg.pool_factor
+                    num_id = int(round(int(self.probe_aux.shape[0]) / cfg.pool_factor))
                     chosen = tf.gather(self.probe_aux, trainer.select_outliers(self.probe_aux, num_id))
                     tf.summary.image("sampler/chosen_outliers", image_grid(chosen.numpy()[:64]), step=epoch + 1)
             # Paper Fig. 3: mean input-gradient norm of the energy score.

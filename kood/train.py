@@ -45,7 +45,9 @@ flags.DEFINE_enum("grad_space", None, GRAD_SPACES,
                   "Input space of the gradient norm: normalized (paper, default) or pixel (0..255).")
 flags.DEFINE_enum("sampler", None, SAMPLERS, "Auxiliary sampler: random | energy_cluster (GReg+).")
 flags.DEFINE_integer("cluster_k", None, f"GReg+ K-means clusters, min(k, batch_size) (default {_D.cluster_k}).")
-flags.DEFINE_integer("pool_factor", None, f"GReg+ candidate pool = pool_factor x batch_size (default {_D.pool_factor}).")
+flags.DEFINE_float("pool_factor", None, f"GReg+ candidate pool = round(pool_factor x batch_size) (default "
+                  f"{_D.pool_factor:g}: CIFAR with 300K RandomImages; the paper's rule is N_aux / N_id, which the "
+                  f"run's header shows).")
 flags.DEFINE_boolean("two_way", None, "GReg+: take the lowest- AND highest-energy sample per cluster (default true).")
 flags.DEFINE_integer("kmeans_iters", None, f"Lloyd iterations of the in-graph K-means (default {_D.kmeans_iters}).")
 flags.DEFINE_enum("pool_dtype", None, POOL_DTYPES,

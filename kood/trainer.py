@@ -94,7 +94,7 @@ class OODTrainer(keras.Model):
     def aux_batch_size(self, batch_size: int) -> int:
         """Auxiliary images per step the data pipeline must provide."""
         if self.config.sampler == "energy_cluster":
-            return self.config.pool_factor * batch_size
+            return int(round(self.config.pool_factor * batch_size))
         return max(1, int(round(self.config.aux_batch_factor * batch_size)))
 
     def select_outliers(self, pool: tf.Tensor, num_id: int, replica: tuple | None = None) -> tf.Tensor:
