@@ -807,3 +807,15 @@ def test_final_results_print_in_percentages_like_evaluate_and_bench():
     assert "| demo_ood | 54.80 | 78.07 | 50.00 | 91.00 |" in text and "FPR95 % ↓" in text
     results["ood"]["demo_ood"]["split"] = "train"  # a set without a test split: the row says which was scored
     assert "| demo_ood (train split) | 54.80 |" in run_lib.format_results(results)
+
+
+def test_fractional_pool_factor_and_the_papers_rule_in_the_header(digit_sets):
+    trainer = OODTrainer(_classifier(), method_config("greg_plus", pool_factor=2.5))
+    assert trainer.aux_batch_size(10) == 25
+    with pytest.raises(ConfigError, match="pool_factor: must be a finite number"):
+        method_config("greg_plus", pool_factor=float("nan"))
+    cfg = _config(digit_sets, "run", method="greg_plus")
+    manifest = run_lib.read_manifest(cfg.id_data)
+    n_id = manifest.count("train")
+    header = run_lib._describe(cfg, method_config("greg_plus"), manifest, 3, 96, 0, num_aux=3 * n_id)
+    assert "+ 32 auxiliary chosen from 96 candidates (the paper's rule N_aux / N_id would be 3)" in header
