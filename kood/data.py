@@ -356,9 +356,21 @@ def _check_synthetic(directory: str, manifest: Manifest, syn_directory: str, syn
         raise DataError(f"{syn_directory}: synthetic images are {list(syn.shape)} but the real images of "
                         f"{directory} are {list(manifest.shape)}; convert them to the same size")
     _labelled(syn, syn_directory, "synthetic")
-    if syn.num_classes != manifest.num_classes or list(syn.class_names) != list(manifest.class_names):
-        raise DataError(f"{syn_directory}: synthetic classes ({syn.num_classes}: {syn.class_names}) differ from "
-                        f"the real classes of {directory} ({manifest.num_classes}: {manifest.class_names})")
+    # A set converted from arrays has no class names ('0'..'K-1'): its ids are taken as the real set's.
+    if syn.num_classes != manifest.num_classes or (list(syn.class_names) != list(manifest.class_names)
+                                                   and not unnamed_classes(syn)):
+        raise DataError(f"{syn_directory}: synthetic classes ({syn.num_classes}: {_some_names(syn)}) differ from "
+                        f"the real classes of {directory} ({manifest.num_classes}: {_some_names(manifest)})")
+
+
+def unnamed_classes(manifest: Manifest) -> bool:
+    """True if the set's class names are only its ids ('0'..'K-1'), as for a set converted from label arrays."""
+    return list(manifest.class_names) == [str(i) for i in range(manifest.num_classes)]
+
+
+def _some_names(manifest: Manifest) -> str:
+    names = list(manifest.class_names)
+    return str(names) if len(names) <= 6 else f"{names[:3]} ... {names[-2:]}"
 
 
 def outlier_stream(directory: str, *, batch_size: int, split: str = "train", augment: bool = True, seed: int = 0,

@@ -498,6 +498,11 @@ def run_training(cfg: RunConfig) -> dict:
                 raise DataError(f"--{flag}={directory} holds {other[1].shape} images, --id_data={cfg.id_data} holds "
                                 f"{manifest.shape}; convert them to the same "
                                 f"{_conversion_hint(other[1].shape, manifest.shape)}")
+    syn = inputs.get("syn_data", (None, None))[1]
+    if syn is not None and syn.class_names != manifest.class_names and data.unnamed_classes(syn) and cfg.verbose:
+        print(f"note: --syn_data={cfg.syn_data} has unnamed classes ('0'..'{syn.num_classes - 1}'): its label i is "
+              f"taken as class i of --id_data ({manifest.class_names[0]!r}, {manifest.class_names[1]!r}, ...)",
+              file=sys.stderr)
     if "aux_data" in inputs and inputs["aux_data"][1].kind == "ood":
         print(f"note: --aux_data={cfg.aux_data} was converted as a held-out OOD test set (kind 'ood'); it is used "
               f"as auxiliary training data here, so do not also report it as held-out OOD data", file=sys.stderr)

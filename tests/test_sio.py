@@ -98,3 +98,10 @@ def test_synthetic_classes_must_match(tmp_path, sets):
     renamed = _constant_set(tmp_path / "synn", 10, SYN_PIXEL, kind="synthetic", class_names=list("abcd"))
     with pytest.raises(DataError, match=f"{renamed}.*classes"):
         data.train_dataset(sets[0], batch_size=8, syn_directory=renamed, sio_ratio=0.5)
+    # a set converted from label arrays (names '0'..'K-1') next to a named real set (e.g. CIFAR's): ids match
+    named = _constant_set(tmp_path / "named", 10, REAL_PIXEL, class_names=["cat", "dog", "emu", "fox"])
+    unnamed = _constant_set(tmp_path / "unnamed", 10, SYN_PIXEL, kind="synthetic")
+    data.train_dataset(named, batch_size=8, syn_directory=unnamed, sio_ratio=0.5)
+    with pytest.raises(DataError, match=r"\(4: \['a', 'b', 'c', 'd'\]\) differ from the real classes of .* "
+                                        r"\(4: \['cat', 'dog', 'emu', 'fox'\]\)"):
+        data.train_dataset(named, batch_size=8, syn_directory=renamed, sio_ratio=0.5)
