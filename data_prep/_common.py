@@ -96,17 +96,18 @@ def cli_errors(out: str | None = None) -> Iterator[None]:
 
     With `out`: an output directory the block created and left empty is removed on failure.
     """
-    from kood.errors import ConfigError, DataError
+    from kood.errors import ConfigError, DataError, interruption
 
     try:
         with removed_if_left_empty(out) if out else contextlib.nullcontext():
             yield
     except (ConfigError, DataError) as e:
         raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        how, code = interruption(e)
         newline = "\n" if sys.stderr.isatty() else ""  # leave the progress line a terminal shows
-        print(f"{newline}interrupted (Ctrl-C): nothing was marked complete; rerun the same command", file=sys.stderr)
-        raise SystemExit(130) from None
+        print(f"{newline}interrupted ({how}): nothing was marked complete; rerun the same command", file=sys.stderr)
+        raise SystemExit(code) from None
 
 
 def convert_main(argv) -> None:

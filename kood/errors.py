@@ -15,6 +15,19 @@ class ConfigError(ValueError):
     """A flag or argument is invalid, or flags do not fit together."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler preempting the job, `kill`), raised like Ctrl-C: every CLI stops the same clean way."""
+
+
+def interruption(error: KeyboardInterrupt) -> tuple[str, int]:
+    """`(what stopped the process, its exit code)`: SIGTERM 143, Ctrl-C 130 (the shells' 128 + signal)."""
+    return ("SIGTERM", 143) if isinstance(error, Terminated) else ("Ctrl-C", 130)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def quiet_info_logs() -> None:
     """Hides TF's absl INFO lines (SavedModel writer, tf.distribute reductions) unless --verbosity is given."""
     from absl import flags
@@ -29,14 +42,18 @@ HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--hel
 
 
 def run_app(main: Callable[[list[str]], object]) -> None:
-    """`absl.app.run(main)`, except that a help request exits with code 0 (absl exits 1 after printing help).
+    """`absl.app.run(main)`, except that a help request exits with code 0 (absl exits 1 after printing help)
+    and SIGTERM stops the command like Ctrl-C (`Terminated`), with its cleanup and a one-line message.
 
     Example:
         if __name__ == "__main__":
             run_app(main)
     """
+    import signal
+
     from absl import app
 
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         app.run(main)
     except SystemExit as e:
@@ -102,9 +119,10 @@ def run_cli(prog: str, argv: Sequence[str], work: Callable[[], object],
     except (ConfigError, DataError) as e:
         print(f"{prog}: error: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{chr(10) if sys.stderr.isatty() else ''}{prog}: interrupted (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        how, code = interruption(e)
+        print(f"{chr(10) if sys.stderr.isatty() else ''}{prog}: interrupted ({how})", file=sys.stderr)
+        sys.exit(code)
     except Exception as e:
         from kood.verify import explain_read_error, is_read_error
 

@@ -26,7 +26,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from kood.distribute import STRATEGIES
-from kood.errors import ConfigError, DataError, parse_key_values, quiet_info_logs, run_app
+from kood.errors import ConfigError, DataError, interruption, parse_key_values, quiet_info_logs, run_app
 from kood.methods import GRAD_SPACES, METHODS, POOL_DTYPES, SAMPLERS, SCORE_LOSSES, MethodConfig
 from kood.models import PRECISIONS
 from kood.run import OPTIMIZERS, SCHEDULES, RunConfig, validate
@@ -207,10 +207,12 @@ def main(argv):
     except (ConfigError, DataError, FloatingPointError) as e:
         print(f"kood.train: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        resume = f": rerun the same command to resume from the last checkpoint in {cfg.model_dir}" if cfg else ""
-        print(f"kood.train: interrupted (Ctrl-C){resume}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how, code = interruption(e)
+        resume = (f": rerun the same command to resume from the last checkpoint in {cfg.model_dir} (written at the "
+                  f"end of every epoch; the interrupted epoch starts over)" if cfg else "")
+        print(f"kood.train: interrupted ({how}){resume}", file=sys.stderr)
+        return code
     except tf.errors.UnavailableError as e:  # multi-worker: a peer died (no heartbeat) or is unreachable
         print(f"kood.train: error: lost another worker of the run ({e.message.splitlines()[0]}). Rerun the same "
               f"command on every worker: the run resumes from the last checkpoint in --model_dir.", file=sys.stderr)

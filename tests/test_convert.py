@@ -110,7 +110,7 @@ def test_overwrite_is_required_to_replace(tmp_path):
     assert _convert(f"npz:{path}", tmp_path / "out", limit=3, overwrite=True).count("train") == 3
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_interrupted_cli_leaves_no_manifest_and_rerun_completes(tmp_path, sig):
     path, _ = dh.make_npy(tmp_path / "r.npy", n=30000, shape=(16, 16, 3))
     out = tmp_path / "out"
@@ -130,9 +130,10 @@ def test_interrupted_cli_leaves_no_manifest_and_rerun_completes(tmp_path, sig):
     finally:
         if proc.poll() is None:
             proc.kill()
-    if sig == signal.SIGINT:  # Ctrl-C: one line, no traceback
-        assert proc.returncode == 130, stderr[-2000:]
-        assert "interrupted (Ctrl-C)" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    if sig != signal.SIGKILL:  # Ctrl-C, or SIGTERM (a scheduler's preemption): one line, no traceback
+        how, code = ("Ctrl-C", 130) if sig == signal.SIGINT else ("SIGTERM", 143)
+        assert proc.returncode == code, stderr[-2000:]
+        assert f"interrupted ({how})" in stderr and "Traceback" not in stderr, stderr[-2000:]
     assert (out / "train-00000-of-00006.tfrecord").exists()
     assert not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="no manifest.json"):

@@ -661,6 +661,22 @@ def test_resume_after_sigkill_ends_with_the_same_weights(digit_sets, tmp_path):
             assert len(steps) == len(set(steps)), (part, tag, steps)
 
 
+def test_sigterm_stops_like_ctrl_c_with_a_resume_hint(digit_sets, tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    model_dir = str(tmp_path / "run")
+    proc = subprocess.Popen(_train_cmd(digit_sets, model_dir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(model_dir, "ckpt", "latest")) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler sends to preempt a job
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, stderr[-2000:]
+    assert f"kood.train: interrupted (SIGTERM): rerun the same command to resume from the last checkpoint in " \
+           f"{model_dir}" in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
 def test_every_flagfile_parses_into_a_valid_config():
     from absl import flags
 
