@@ -28,6 +28,7 @@ from kood.manifest import (ID_KINDS, fingerprint, json_text, read_json, read_man
 from kood.methods import MethodConfig, method_config
 from kood.models import (ARCHITECTURES, PRECISIONS, build_classifier, classifier_file, load_classifier,
                          non_finite_weights)
+from kood.rundir import resolve_model
 from kood.summaries import NanGuard, RunProgbar, TensorBoardLogger
 from kood.trainer import OODTrainer
 
@@ -265,6 +266,7 @@ def _build_classifier(cfg: RunConfig, manifest, resuming: bool = False) -> keras
     model = build_classifier(cfg.arch, input_shape=manifest.shape, num_classes=manifest.num_classes,
                              mean=manifest.mean, std=manifest.std, precision=cfg.precision, **cfg.arch_kwargs)
     if cfg.init_checkpoint and not resuming:  # a resumed run's checkpoint replaces these weights anyway
+        resolve_model(cfg.init_checkpoint)  # warns if that run has not finished (e.g. a preempted CE job)
         source = load_classifier(cfg.init_checkpoint)
         mine, theirs = model.weights, source.weights
         ours = _arch_flags(cfg.arch, cfg.arch_kwargs)

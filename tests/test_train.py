@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from contextlib import redirect_stderr
 
 import keras
 import numpy as np
@@ -562,6 +564,12 @@ def test_init_checkpoint_may_be_a_run_dir_and_a_mismatch_names_the_run_s_archite
     ce_weights = keras.models.load_model(os.path.join(ce.model_dir, "best.keras")).get_weights()
     for a, b in zip(model.get_weights(), ce_weights):
         np.testing.assert_array_equal(a, b)
+    results = os.path.join(ce.model_dir, "results.json")
+    os.rename(results, results + ".away")  # as if the CE job had been preempted: fine-tuning from it warns
+    with redirect_stderr(io.StringIO()) as err:
+        run_lib._build_classifier(cfg, run_lib.read_manifest(cfg.id_data))
+    assert f"warning: {ce.model_dir}: the run has not finished" in err.getvalue()
+    os.rename(results + ".away", results)
     run_lib.run_training(cfg)
     run_lib.run_training(dataclasses.replace(cfg, init_checkpoint=os.path.join(ce.model_dir, "best.keras")))  # same
     with pytest.raises(DataError, match="is a directory without best.keras"):
