@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import uuid
+import zipfile
 
 import keras
 import numpy as np
@@ -43,6 +44,11 @@ def save(ckpt_dir: str, model: keras.Model, optimizer: keras.optimizers.Optimize
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except (OSError, RuntimeError) as e:  # h5py reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{ckpt_dir}: cannot write the checkpoint of epoch {state['epoch']} ({e}). The previous "
+                        f"checkpoint is intact: free space (or fix the permissions) and rerun the same command "
+                        f"to resume") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -61,16 +67,31 @@ def latest(ckpt_dir: str) -> str | None:
     with open(pointer) as f:
         path = os.path.join(ckpt_dir, f.read().strip())
     if not os.path.isdir(path):
-        raise DataError(f"{pointer} names {path}, which does not exist: the checkpoint directory is damaged")
+        raise DataError(f"{pointer} names {path}, which does not exist: the checkpoint directory is damaged. "
+                        + _recovery(ckpt_dir, path))
     return path
+
+
+def _recovery(ckpt_dir: str, bad: str) -> str:
+    """How to resume from the checkpoint before `bad`, if one is there (`save` keeps two), else start over."""
+    older = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("epoch-") and d < os.path.basename(bad))
+    restart = "or delete the run's ckpt/ (or use a new --model_dir) to start over"
+    if not older:
+        return f"No earlier checkpoint is left: {restart}"
+    return (f"To resume from the one before, write {older[-1]} into {os.path.join(ckpt_dir, LATEST)} (and remove "
+            f"{bad}); {restart}")
 
 
 def restore(path: str, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> dict:
     """Loads weights and optimizer variables strictly; returns the saved state."""
-    model.load_weights(os.path.join(path, "model.weights.h5"))
-    optimizer.build(model.trainable_variables)
-    with np.load(os.path.join(path, "optimizer.npz")) as data:
-        values = [data[f"arr_{i}"] for i in range(len(data.files))]
+    try:
+        model.load_weights(os.path.join(path, "model.weights.h5"))
+        optimizer.build(model.trainable_variables)
+        with np.load(os.path.join(path, "optimizer.npz")) as data:
+            values = [data[f"arr_{i}"] for i in range(len(data.files))]
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # cut short (a full disk, a partial copy), or edited
+        raise DataError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}); it is damaged. "
+                        + _recovery(os.path.dirname(path), path)) from e
     if len(values) != len(optimizer.variables):
         raise DataError(f"{path}/optimizer.npz holds {len(values)} optimizer variables, the optimizer has "
                         f"{len(optimizer.variables)}: the checkpoint was made with another optimizer or model")

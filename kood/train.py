@@ -19,6 +19,7 @@ Several GPUs, machines or a TPU: `--strategy=mirrored|multi_worker|tpu` (docs/di
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 
@@ -191,6 +192,10 @@ def split_cpu(count: int) -> None:
         raise ConfigError(f"--cpu_devices={count}: {e}") from e
 
 
+# A full disk, a read-only or foreign directory: the user's to fix, not a bug to show a traceback for.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -213,6 +218,15 @@ def main(argv):
                   f"end of every epoch; the interrupted epoch starts over)" if cfg else "")
         print(f"kood.train: interrupted ({how}){resume}", file=sys.stderr)
         return code
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS or cfg is None:
+            raise
+        path = str(e.filename or cfg.model_dir)
+        ours = os.path.abspath(path).startswith(os.path.abspath(cfg.model_dir))
+        hint = (f": free space or fix the permissions of --model_dir={cfg.model_dir} (or pass another), then rerun "
+                f"the same command to resume" if ours else "")
+        print(f"kood.train: error: {path}: {e.strerror}{hint}", file=sys.stderr)
+        return 2
     except tf.errors.UnavailableError as e:  # multi-worker: a peer died (no heartbeat) or is unreachable
         print(f"kood.train: error: lost another worker of the run ({e.message.splitlines()[0]}). Rerun the same "
               f"command on every worker: the run resumes from the last checkpoint in --model_dir.", file=sys.stderr)

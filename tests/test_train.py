@@ -597,6 +597,45 @@ def test_checkpoint_write_killed_before_its_rename_is_cleaned_up(tmp_path):
     assert sorted(os.listdir(ckpt_dir)) == ["epoch-00002", "latest"]
 
 
+@pytest.mark.parametrize("file", ["model.weights.h5", "optimizer.npz"])
+def test_a_truncated_checkpoint_is_named_with_how_to_resume_from_the_one_before(tmp_path, file):
+    from kood import checkpoint
+
+    model = _classifier()
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+    ckpt_dir = str(tmp_path / "ckpt")
+    for epoch in (1, 2):
+        checkpoint.save(ckpt_dir, model, optimizer, {"epoch": epoch})
+    path = os.path.join(ckpt_dir, "epoch-00002", file)
+    os.truncate(path, os.path.getsize(path) // 2)  # a copy cut short, a full disk
+    with pytest.raises(DataError, match=f"epoch-00002: cannot read the checkpoint .* it is damaged. To resume from "
+                                        f"the one before, write epoch-00001 into {ckpt_dir}/latest"):
+        checkpoint.restore(checkpoint.latest(ckpt_dir), model, optimizer)
+    with open(os.path.join(ckpt_dir, "latest"), "w") as f:  # what the message says to do
+        f.write("epoch-00001")
+    assert checkpoint.restore(checkpoint.latest(ckpt_dir), model, optimizer) == {"epoch": 1}
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path, monkeypatch):
+    from kood import checkpoint
+
+    model = _classifier()
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
+    ckpt_dir = str(tmp_path / "ckpt")
+    checkpoint.save(ckpt_dir, model, optimizer, {"epoch": 1})
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("Can't write data (file write failed: errno = 28, No space left on device)")  # h5py's
+
+    monkeypatch.setattr(model, "save_weights", full_disk)
+    with pytest.raises(DataError, match="cannot write the checkpoint of epoch 2 .*No space left on device.*The "
+                                        "previous checkpoint is intact"):
+        checkpoint.save(ckpt_dir, model, optimizer, {"epoch": 2})
+    assert sorted(os.listdir(ckpt_dir)) == ["epoch-00001", "latest"]
+
+
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(digit_sets, tmp_path, monkeypatch):
     original = OODTrainer.compute_losses
 
