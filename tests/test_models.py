@@ -237,3 +237,15 @@ def test_load_classifier_refuses_non_finite_weights(tmp_path):
     model.save(str(tmp_path / "nan.keras"))
     with pytest.raises(DataError, match=r"nan.keras has non-finite weights \(.*moving_variance"):
         load_classifier(str(tmp_path / "nan.keras"))
+
+
+def test_densenet121_imagenet_weights_offline_is_a_config_error_saying_how_to_prefetch(monkeypatch):
+    def offline(*args, **kwargs):  # what keras.utils.get_file raises without a network
+        raise Exception("URL fetch failure on https://storage.googleapis.com/x.h5: None -- [Errno -2] Name or "
+                        "service not known")
+
+    monkeypatch.setattr(keras.applications, "DenseNet121", offline)
+    with pytest.raises(ConfigError, match=r"weights=imagenet .* the download failed \(URL fetch failure.*fetch them "
+                                          r"first where there is.*or pass --arch_kwargs=weights=none"):
+        build_classifier("densenet121", input_shape=(32, 32, 3), num_classes=10, mean=[0.0] * 3, std=[1.0] * 3,
+                         weights="imagenet")

@@ -84,6 +84,15 @@ def densenet121(x, num_classes: int, *, weights: str = "none"):
     check_choice("densenet121", "weights", weights, ("none", "imagenet"))
     if x.shape[-1] != 3 or (x.shape[1] or 32) < 32 or (x.shape[2] or 32) < 32:
         raise ConfigError(f"densenet121 needs RGB inputs of at least 32x32. Received: input_shape={tuple(x.shape[1:])}")
-    base = keras.applications.DenseNet121(include_top=False, weights=None if weights == "none" else weights,
-                                          input_shape=tuple(x.shape[1:]), pooling="avg")
+    try:
+        base = keras.applications.DenseNet121(include_top=False, weights=None if weights == "none" else weights,
+                                              input_shape=tuple(x.shape[1:]), pooling="avg")
+    except Exception as e:  # keras.utils.get_file raises a bare Exception when the download fails
+        if "URL fetch failure" not in str(e):
+            raise
+        raise ConfigError(f"densenet121: weights=imagenet are downloaded once into ~/.keras/models, and the download "
+                          f"failed ({str(e).splitlines()[0][:200]}). On a machine without internet (e.g. a cluster "
+                          f"node), fetch them first where there is: python -c \"import keras; "
+                          f"keras.applications.DenseNet121(include_top=False, weights='imagenet')\" and copy "
+                          f"~/.keras/models; or pass --arch_kwargs=weights=none") from e
     return base(x)
