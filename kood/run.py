@@ -445,6 +445,13 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _keras_files(classifier: keras.Model, out_dir: str, state: dict) -> None:
+    """Writes last.keras (the checkpoint's weights) and, if its epoch is the best so far, best.keras."""
+    _save_atomic(classifier, os.path.join(out_dir, "last.keras"))
+    if state.get("best_epoch") == state["epoch"]:
+        _save_atomic(classifier, os.path.join(out_dir, "best.keras"))
+
+
 def _diverged(model: keras.Model, record: dict) -> str | None:
     """What the per-step loss guard can miss: non-finite weights (BatchNorm statistics included) or a
     non-finite validation loss. Checked before an epoch is saved, so a checkpoint is always finite."""
@@ -574,6 +581,8 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
         if latest:
             state = checkpoint.restore(latest, classifier, optimizer)
             print(f"Resuming {cfg.model_dir} from {latest} (epoch {state['epoch']}/{cfg.epochs})", file=sys.stderr)
+            if not os.path.isfile(os.path.join(out_dir, "results.json")):  # not a finished run's rerun
+                _keras_files(classifier, out_dir, state)  # a killed process may have stopped before writing them
 
     ckpt_dir = os.path.join(out_dir, "ckpt")
     val_split, selects = _val_split(cfg, manifest), _selects_best(cfg, manifest)
@@ -618,16 +627,17 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
                           "No checkpoint was written yet; lower --lr or the loss weights and rerun (the same "
                           "--model_dir is fine)")
                 raise FloatingPointError(f"Training stopped in epoch {epoch + 1}: {failure}. {advice}.")
-            _save_atomic(classifier, os.path.join(out_dir, "last.keras"))
             improved = not selects or state["best"] is None or record["val_accuracy"] > state["best"]
             if improved:
                 state["best"] = record["val_accuracy"] if selects else None
                 state["best_epoch"] = epoch + 1
-                _save_atomic(classifier, os.path.join(out_dir, "best.keras"))
             state["epoch"] = epoch + 1
             state["history"].append(record)
             state["finished"] = state["epoch"] >= cfg.epochs
+            # The checkpoint first: a process killed before it redoes the epoch and leaves no .keras file
+            # of the discarded attempt; one killed after it gets them rewritten by the rerun (_keras_files).
             checkpoint.save(ckpt_dir, classifier, optimizer, state)
+            _keras_files(classifier, out_dir, state)
             if verbose and val_split:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: {val_split} accuracy {record['val_accuracy']:.4f}, "
                       f"ce {record['val_ce']:.4f}{' (best so far: best.keras)' if improved and selects else ''}",

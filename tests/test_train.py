@@ -636,6 +636,19 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path, mo
     assert sorted(os.listdir(ckpt_dir)) == ["epoch-00001", "latest"]
 
 
+def test_a_process_killed_between_checkpoint_and_keras_files_gets_them_on_rerun(digit_sets, tmp_path):
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy", epochs=1)
+    first = run_lib.run_training(cfg)
+    weights = keras.models.load_model(os.path.join(cfg.model_dir, "best.keras")).get_weights()
+    for name in ("best.keras", "last.keras", "results.json"):  # the checkpoint was written, then the kill
+        os.remove(os.path.join(cfg.model_dir, name))
+    again = run_lib.run_training(cfg)
+    assert again["id_accuracy"] == first["id_accuracy"] and again["checkpoint_epoch"] == 1
+    for name in ("best.keras", "last.keras"):
+        for a, b in zip(keras.models.load_model(os.path.join(cfg.model_dir, name)).get_weights(), weights):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(digit_sets, tmp_path, monkeypatch):
     original = OODTrainer.compute_losses
 
