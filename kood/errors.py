@@ -1,4 +1,5 @@
-"""Errors kood raises on bad input (both are ValueErrors, so callers can catch either) and the CLI helpers that report them."""
+"""Errors kood raises on bad input (both are ValueErrors, so callers can catch either), and the CLI
+helpers that report them."""
 
 from __future__ import annotations
 

@@ -136,7 +136,8 @@ def _read(directory: str, split: str, role: str, split_flag: str, *, model_shape
 
 def evaluate(model: keras.Model, id_dir: str, ood_dirs: Mapping[str, str], detectors: Sequence[str], *,
              fit_dir: str | None = None, fit_split: str = "train", id_split: str = "test",
-             ood_split: str | Mapping[str, str] = "test", groups: Mapping[str, Sequence[str]] | None = None, resize: str = "error",
+             ood_split: str | Mapping[str, str] = "test", groups: Mapping[str, Sequence[str]] | None = None,
+             resize: str = "error",
              convention: str = "id", batch_size: int = 256, limit: int | None = None, fit_limit: int | None = None,
              detector_params: Mapping[str, dict] | None = None, certify: bool = False,
              certify_options: dict | None = None, keep_scores: bool = False) -> dict:

@@ -588,14 +588,14 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
     val_split, selects = _val_split(cfg, manifest), _selects_best(cfg, manifest)
     if state["epoch"] < cfg.epochs:
         probe_id = next(iter(data.eval_dataset(cfg.id_data, val_split or "train", batch_size=cfg.batch_size)))[0]
-        probe_aux = None
+        probe_aux = aux_manifest = None
         if mcfg.uses_aux:
-            probe_aux = next(iter(data.eval_dataset(cfg.aux_data, next(iter(read_manifest(cfg.aux_data).splits)),
+            aux_manifest = read_manifest(cfg.aux_data)
+            probe_aux = next(iter(data.eval_dataset(cfg.aux_data, next(iter(aux_manifest.splits)),
                                                     batch_size=trainer.aux_batch_size(cfg.batch_size))))[0]
         if cfg.verbose:
-            num_aux = read_manifest(cfg.aux_data).count("train") if cfg.aux_data and mcfg.uses_aux else None
             print(_describe(cfg, mcfg, manifest, steps, trainer.aux_batch_size(cfg.batch_size), state["epoch"],
-                            num_aux),
+                            aux_manifest.count("train") if aux_manifest else None),
                   _selection_note(cfg, manifest), sep="\n", file=sys.stderr, flush=True)
         hparams = {"method": cfg.method, "arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr,
                    "batch_size": cfg.batch_size, "epochs": cfg.epochs, "sio_ratio": cfg.sio_ratio, "seed": cfg.seed,
