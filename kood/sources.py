@@ -413,8 +413,12 @@ def _folder(spec: str, path: str) -> Source:
     files, labels, names, skipped = _folder_split(path, path)
     if not files:
         raise DataError(f"{path}: no images found (extensions {IMAGE_EXTENSIONS}); the dataset would be empty")
-    return Source(spec, {"train": _files_split(files, labels)}, names, named_splits=False,
-                  notes=_skipped_note(path, skipped))
+    notes = _skipped_note(path, skipped)
+    if names and set(names) <= set(SPLIT_NAMES):  # DIR/train/*.png: read as classes, which is rarely meant
+        notes.append(f"{path}: its folders {names} are read as classes (images directly inside them); for splits "
+                     f"of labelled images use DIR/SPLIT/CLASS/image, for an unlabelled set convert each split "
+                     f"folder on its own (e.g. --source=folder:{os.path.join(path, names[0])})")
+    return Source(spec, {"train": _files_split(files, labels)}, names, named_splits=False, notes=notes)
 
 
 def _files_split(files: list[str], labels: list[int]) -> SplitSource:

@@ -287,3 +287,14 @@ def test_a_stray_folder_next_to_split_folders_is_the_one_the_error_names(tmp_pat
     with pytest.raises(DataError, match=rf"imgs/unsorted: not a split folder of class folders, but .*imgs has the "
                                         rf"split folders \['test', 'train'\] .*move or remove \['unsorted'\]"):
         open_source(f"folder:{tmp_path / 'imgs'}")
+
+
+def test_split_named_folders_of_loose_images_are_classes_with_a_note(tmp_path):
+    dh.make_image_folder(tmp_path / "imgs" / "train", 3)  # images directly in train/ and test/
+    dh.make_image_folder(tmp_path / "imgs" / "test", 2)
+    src = open_source(f"folder:{tmp_path / 'imgs'}")
+    assert src.class_names == ["test", "train"] and src.splits["train"].count == 5  # the documented DIR/CLASS rule
+    assert any("['test', 'train'] are read as classes" in note and "convert each split folder on its own" in note
+               for note in src.notes), src.notes
+    dh.make_image_folder(tmp_path / "pets", {"cat": 1, "dog": 1})
+    assert not open_source(f"folder:{tmp_path / 'pets'}").notes
