@@ -28,6 +28,13 @@ def save(ckpt_dir: str, model: keras.Model, optimizer: keras.optimizers.Optimize
          keep: int = 2) -> str:
     """Writes a checkpoint for `state["epoch"]`; keeps the newest `keep` ones."""
     os.makedirs(ckpt_dir, exist_ok=True)
+    # Checked before writing: h5py failing mid-write on a full disk can crash the process on cleanup.
+    needed = 4 * sum(int(np.prod(v.shape)) for v in [*model.weights, *optimizer.variables]) + (1 << 20)
+    free = shutil.disk_usage(ckpt_dir).free
+    if free < needed:
+        raise DataError(f"{ckpt_dir}: {free / 2**20:.1f} MiB free, the checkpoint of epoch {state['epoch']} needs "
+                        f"about {needed / 2**20:.1f} MiB. The previous checkpoint is intact: free space and rerun "
+                        f"the same command to resume")
     for leftover in os.listdir(ckpt_dir):  # a write killed before its rename (SIGKILL: no cleanup ran)
         if leftover.startswith(".epoch-"):
             shutil.rmtree(os.path.join(ckpt_dir, leftover), ignore_errors=True)
@@ -65,33 +72,43 @@ def latest(ckpt_dir: str) -> str | None:
     if not os.path.exists(pointer):
         return None
     with open(pointer) as f:
-        path = os.path.join(ckpt_dir, f.read().strip())
+        name = f.read().strip()
+    if not name:
+        raise DataError(f"{pointer} is empty: the checkpoint directory is damaged. " + _recovery(ckpt_dir))
+    path = os.path.join(ckpt_dir, name)
     if not os.path.isdir(path):
         raise DataError(f"{pointer} names {path}, which does not exist: the checkpoint directory is damaged. "
                         + _recovery(ckpt_dir, path))
     return path
 
 
-def _recovery(ckpt_dir: str, bad: str) -> str:
-    """How to resume from the checkpoint before `bad`, if one is there (`save` keeps two), else start over."""
-    older = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("epoch-") and d < os.path.basename(bad))
-    restart = "or delete the run's ckpt/ (or use a new --model_dir) to start over"
-    if not older:
-        return f"No earlier checkpoint is left: {restart}"
-    return (f"To resume from the one before, write {older[-1]} into {os.path.join(ckpt_dir, LATEST)} (and remove "
-            f"{bad}); {restart}")
+def _recovery(ckpt_dir: str, bad: str | None = None) -> str:
+    """How to resume from the newest checkpoint other than (and older than) `bad` (`save` keeps two), else
+    how to start over."""
+    others = sorted(d for d in os.listdir(ckpt_dir)
+                    if d.startswith("epoch-") and (bad is None or d < os.path.basename(bad)))
+    restart = "delete the run's ckpt/ (or use a new --model_dir) to start over"
+    if not others:
+        return f"No other checkpoint is left: {restart}"
+    removal = f" (and remove {bad})" if bad else ""
+    return (f"To resume from {others[-1]}, write that name into {os.path.join(ckpt_dir, LATEST)}{removal}; or "
+            f"{restart}")
 
 
 def restore(path: str, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> dict:
     """Loads weights and optimizer variables strictly; returns the saved state."""
+    file = os.path.join(path, "model.weights.h5")
     try:
-        model.load_weights(os.path.join(path, "model.weights.h5"))
+        model.load_weights(file)
         optimizer.build(model.trainable_variables)
-        with np.load(os.path.join(path, "optimizer.npz")) as data:
+        file = os.path.join(path, "optimizer.npz")
+        with np.load(file) as data:
             values = [data[f"arr_{i}"] for i in range(len(data.files))]
-    except (OSError, EOFError, zipfile.BadZipFile) as e:  # cut short (a full disk, a partial copy), or edited
-        raise DataError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}); it is damaged. "
-                        + _recovery(os.path.dirname(path), path)) from e
+        file = os.path.join(path, "state.json")
+        state = read_json(file, "checkpoint state")
+    except (OSError, EOFError, zipfile.BadZipFile, DataError) as e:  # cut short (a full disk, a partial copy)
+        raise DataError(f"{file}: cannot read this checkpoint file ({type(e).__name__}: {e}); the checkpoint is "
+                        f"damaged. " + _recovery(os.path.dirname(path), path)) from e
     if len(values) != len(optimizer.variables):
         raise DataError(f"{path}/optimizer.npz holds {len(values)} optimizer variables, the optimizer has "
                         f"{len(optimizer.variables)}: the checkpoint was made with another optimizer or model")
@@ -100,4 +117,4 @@ def restore(path: str, model: keras.Model, optimizer: keras.optimizers.Optimizer
             raise DataError(f"{path}/optimizer.npz: variable {var.path} has shape {value.shape}, "
                             f"expected {tuple(var.shape)}")
         var.assign(value)
-    return read_json(os.path.join(path, "state.json"), "checkpoint state")
+    return state

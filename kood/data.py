@@ -217,7 +217,14 @@ def eval_dataset(directory: str, split: str = "test", *, batch_size: int = 256,
         keep = np.zeros(count, bool)
         keep[limit_indices(count, limit)] = True
         keep = tf.constant(keep)
-        ds = ds.enumerate().filter(lambda i, record: keep[i]).map(lambda i, record: record)
+
+        def kept(i, record):
+            return keep[i]
+
+        def drop_index(i, record):
+            return record
+
+        ds = ds.enumerate().filter(kept).map(drop_index)
         ds = ds.apply(tf.data.experimental.assert_cardinality(limit))
     ds = ds.map(_parser(manifest, directory, check_labels=manifest.num_classes > 0), num_parallel_calls=AUTOTUNE)
     ds = ds.batch(batch_size)

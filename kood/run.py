@@ -8,6 +8,7 @@ would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -304,7 +305,9 @@ def _describe(cfg: RunConfig, mcfg: MethodConfig, manifest, steps: int, aux_batc
     aux = f" + {aux_batch} auxiliary" if mcfg.uses_aux else ""
     if mcfg.uses_aux and mcfg.sampler == "energy_cluster":
         # methods.md's pool is N_aux / N_id x B (every auxiliary image once per epoch); say how far the flag is
-        rule = f" (the paper's rule N_aux / N_id would be {num_aux / manifest.count('train'):.3g})" if num_aux else ""
+        ratio = num_aux / manifest.count("train") if num_aux else None
+        rule = "" if ratio is None else f" (the paper's rule N_aux / N_id would be {ratio:.3g}" + (
+            ", below the minimum 2: GReg+ picks 2 x B)" if ratio < 2 else ")")
         aux = f" + {2 * cfg.batch_size} auxiliary chosen from {aux_batch} candidates{rule}"
     synthetic = cfg.batch_size - int(cfg.batch_size * cfg.sio_ratio)  # kood.data's split of each batch
     sio = (f" ({synthetic} of them synthetic, {synthetic / cfg.batch_size:.0%}, from {cfg.syn_data})"
@@ -473,7 +476,12 @@ def _best_epoch(history: list[dict]) -> int:
 def _save_atomic(model: keras.Model, path: str) -> None:
     """A killed run never leaves a truncated `.keras` file under the final name."""
     tmp = path[: -len(".keras")] + ".partial.keras"
-    model.save(tmp)
+    try:
+        model.save(tmp)
+    except BaseException:
+        with contextlib.suppress(OSError):  # e.g. a full disk: do not leave the partial file taking space
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -639,7 +647,7 @@ def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: 
             checkpoint.save(ckpt_dir, classifier, optimizer, state)
             _keras_files(classifier, out_dir, state)
             if verbose and val_split:
-                print(f"epoch {epoch + 1}/{cfg.epochs}: {val_split} accuracy {record['val_accuracy']:.4f}, "
+                print(f"epoch {epoch + 1}/{cfg.epochs}: {val_split} accuracy {100 * record['val_accuracy']:.2f}%, "
                       f"ce {record['val_ce']:.4f}{' (best so far: best.keras)' if improved and selects else ''}",
                       flush=True)
 

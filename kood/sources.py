@@ -380,7 +380,7 @@ def _skipped_note(path: str, skipped: list[str]) -> list[str]:
     if not skipped:
         return []
     return [f"{path}: skipped {len(skipped)} file(s) that are not images (extensions other than "
-            f"{IMAGE_EXTENSIONS}, or broken links; e.g. {', '.join(skipped[:2])})"]
+            f"{' '.join(IMAGE_EXTENSIONS)}, or broken links; e.g. {', '.join(skipped[:2])})"]
 
 
 def _folder(spec: str, path: str) -> Source:
@@ -407,6 +407,10 @@ def _folder(spec: str, path: str) -> Source:
     if split_dirs and not top:
         # else the class layout is assumed and the error would be about a split folder, not the stray one
         stray = [d for d in subdirs if not _is_split_dir(os.path.join(path, d))]
+        loose, classes, _ = _scan(os.path.join(path, stray[0]))
+        if stray[0] in SPLIT_NAMES and classes and loose:  # a split folder with an image beside its classes
+            raise DataError(f"{loose[0]}: an image directly in the split folder {os.path.join(path, stray[0])}, "
+                            f"next to its class folders {classes[:5]}; move it into its class folder or remove it")
         raise DataError(f"{os.path.join(path, stray[0])}: not a split folder of class folders, but {path} has the "
                         f"split folders {split_dirs} (the DIR/SPLIT/CLASS/image layout), where every subfolder of "
                         f"{path} must be one; move or remove {stray}")

@@ -116,7 +116,8 @@ flags.DEFINE_string("model_dir", None, "Run directory (checkpoints, logs, result
 flags.DEFINE_string("val_split", "auto", "ID split that picks best.keras (else best.keras = the last epoch): auto "
                     "(val or validation; a test split is only monitored, never used to pick), a split name, or none.")
 flags.DEFINE_integer("log_every", 10, "Write step scalars to TensorBoard every N steps.")
-flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
+flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent (also kood's notes), 1 progress bar, 2 one "
+                     "line per epoch.")
 
 FLAGS = flags.FLAGS
 

@@ -1,5 +1,7 @@
 """Pixel-exact round trips source -> kood dataset -> records, for every SRC form."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -286,6 +288,12 @@ def test_a_stray_folder_next_to_split_folders_is_the_one_the_error_names(tmp_pat
     dh.make_image_folder(tmp_path / "imgs" / "unsorted", 3)
     with pytest.raises(DataError, match=rf"imgs/unsorted: not a split folder of class folders, but .*imgs has the "
                                         rf"split folders \['test', 'train'\] .*move or remove \['unsorted'\]"):
+        open_source(f"folder:{tmp_path / 'imgs'}")
+    (tmp_path / "imgs" / "unsorted").rename(tmp_path / "unsorted")
+    loose = tmp_path / "imgs" / "train" / "loose.png"
+    (tmp_path / "unsorted" / sorted(os.listdir(tmp_path / "unsorted"))[0]).rename(loose)
+    with pytest.raises(DataError, match=rf"{loose}: an image directly in the split folder .*imgs/train, next to its "
+                                        rf"class folders \['cat', 'dog'\]"):
         open_source(f"folder:{tmp_path / 'imgs'}")
 
 

@@ -7,6 +7,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -597,7 +598,7 @@ def test_checkpoint_write_killed_before_its_rename_is_cleaned_up(tmp_path):
     assert sorted(os.listdir(ckpt_dir)) == ["epoch-00002", "latest"]
 
 
-@pytest.mark.parametrize("file", ["model.weights.h5", "optimizer.npz"])
+@pytest.mark.parametrize("file", ["model.weights.h5", "optimizer.npz", "state.json"])
 def test_a_truncated_checkpoint_is_named_with_how_to_resume_from_the_one_before(tmp_path, file):
     from kood import checkpoint
 
@@ -609,12 +610,15 @@ def test_a_truncated_checkpoint_is_named_with_how_to_resume_from_the_one_before(
         checkpoint.save(ckpt_dir, model, optimizer, {"epoch": epoch})
     path = os.path.join(ckpt_dir, "epoch-00002", file)
     os.truncate(path, os.path.getsize(path) // 2)  # a copy cut short, a full disk
-    with pytest.raises(DataError, match=f"epoch-00002: cannot read the checkpoint .* it is damaged. To resume from "
-                                        f"the one before, write epoch-00001 into {ckpt_dir}/latest"):
+    with pytest.raises(DataError, match=f"epoch-00002/{file}: cannot read this checkpoint file .* the checkpoint is "
+                                        f"damaged. To resume from epoch-00001, write that name into {ckpt_dir}/latest"):
         checkpoint.restore(checkpoint.latest(ckpt_dir), model, optimizer)
     with open(os.path.join(ckpt_dir, "latest"), "w") as f:  # what the message says to do
         f.write("epoch-00001")
     assert checkpoint.restore(checkpoint.latest(ckpt_dir), model, optimizer) == {"epoch": 1}
+    open(os.path.join(ckpt_dir, "latest"), "w").close()  # an empty pointer: the newest intact one is offered
+    with pytest.raises(DataError, match=f"latest is empty: .*To resume from epoch-00002, write that name into"):
+        checkpoint.latest(ckpt_dir)
 
 
 def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -633,6 +637,11 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tmp_path, mo
     with pytest.raises(DataError, match="cannot write the checkpoint of epoch 2 .*No space left on device.*The "
                                         "previous checkpoint is intact"):
         checkpoint.save(ckpt_dir, model, optimizer, {"epoch": 2})
+    assert sorted(os.listdir(ckpt_dir)) == ["epoch-00001", "latest"]
+    usage = shutil.disk_usage(ckpt_dir)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))  # refused before writing
+    with pytest.raises(DataError, match=r"0.0 MiB free, the checkpoint of epoch 3 needs about .* MiB"):
+        checkpoint.save(ckpt_dir, model, optimizer, {"epoch": 3})
     assert sorted(os.listdir(ckpt_dir)) == ["epoch-00001", "latest"]
 
 
