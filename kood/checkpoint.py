@@ -31,10 +31,10 @@ def save(ckpt_dir: str, model: keras.Model, optimizer: keras.optimizers.Optimize
     # Checked before writing: h5py failing mid-write on a full disk can crash the process on cleanup.
     needed = 4 * sum(int(np.prod(v.shape)) for v in [*model.weights, *optimizer.variables]) + (1 << 20)
     free = shutil.disk_usage(ckpt_dir).free
+    kept = "The previous checkpoint is intact: " if latest(ckpt_dir) else ""
     if free < needed:
         raise DataError(f"{ckpt_dir}: {free / 2**20:.1f} MiB free, the checkpoint of epoch {state['epoch']} needs "
-                        f"about {needed / 2**20:.1f} MiB. The previous checkpoint is intact: free space and rerun "
-                        f"the same command to resume")
+                        f"about {needed / 2**20:.1f} MiB. {kept}free space and rerun the same command to resume")
     for leftover in os.listdir(ckpt_dir):  # a write killed before its rename (SIGKILL: no cleanup ran)
         if leftover.startswith(".epoch-"):
             shutil.rmtree(os.path.join(ckpt_dir, leftover), ignore_errors=True)
@@ -53,9 +53,8 @@ def save(ckpt_dir: str, model: keras.Model, optimizer: keras.optimizers.Optimize
         os.replace(tmp, final)
     except (OSError, RuntimeError) as e:  # h5py reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"{ckpt_dir}: cannot write the checkpoint of epoch {state['epoch']} ({e}). The previous "
-                        f"checkpoint is intact: free space (or fix the permissions) and rerun the same command "
-                        f"to resume") from e
+        raise DataError(f"{ckpt_dir}: cannot write the checkpoint of epoch {state['epoch']} ({e}). {kept}free "
+                        f"space (or fix the permissions) and rerun the same command to resume") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
