@@ -40,6 +40,8 @@ import platform
 import sys
 import time
 
+STARTED = time.perf_counter()  # before TensorFlow's import: --budget_minutes counts the whole command
+
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -334,8 +336,11 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
 
     Returns:
         `{"methods": {name: {"step_seconds", "step_ratio", "pipeline_batches_per_second",
-        "pipeline_images_per_second", "pipeline_ratio", "setup_seconds"}}, "steps", "reps", "batch_size", "arch"}`;
-        `setup_seconds`: model build, compile, first batch and the first (traced) train steps, once.
+        "pipeline_images_per_second", "pipeline_ratio", "setup_seconds", "pipeline_start_seconds"}},
+        "checkpoint_seconds", "steps", "reps", "batch_size", "arch"}`;
+        `setup_seconds`: model build, compile, first batch and the first (traced) train steps, once;
+        `pipeline_start_seconds`: a fresh input pipeline's first batch (every epoch starts one);
+        `checkpoint_seconds`: what a run writes after each epoch (checkpoint, last.keras, best.keras).
 
     Example:
         measure_speed(cfg, ["energy", "greg", "greg_plus"], steps=10, reps=3)
@@ -367,6 +372,7 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
         setup[name] = time.perf_counter() - start  # what a training run spends before its steps
     step_times = {n: [] for n in names}
     pipe_times = {n: [] for n in names}
+    start_times = {n: [] for n in names}
     with Progress("speed", total=reps * len(names), unit="timing") as bar:
         for rep in range(reps):
             order = names[rep % len(names):] + names[: rep % len(names)]
@@ -377,8 +383,10 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
             for name in order:
                 # a fresh iterator, warmed by one batch (shuffle buffer filled), then pipeline_batches timed:
                 # an iterator kept alive between timings would prefetch while others are timed
+                start = time.perf_counter()
                 batches = iter(_train_pipeline(cfg, name, trainers[name], seed=rep))
                 next(batches)
+                start_times[name].append(time.perf_counter() - start)
                 start = time.perf_counter()
                 for _ in range(pipeline_batches):
                     next(batches)
@@ -394,10 +402,24 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
             "pipeline_images_per_second": float(images_per_batch[name] / np.median(pipe_times[name])),
             "pipeline_ratio": float(np.median(np.array(pipe_times[name]) / np.array(pipe_times["ce"]))),
             "images_per_batch": images_per_batch[name], "setup_seconds": setup[name],
+            "pipeline_start_seconds": float(np.median(start_times[name])),
             "step_seconds_per_rep": step_times[name], "pipeline_seconds_per_rep": pipe_times[name],
         }
-    return {"methods": out, "steps": steps, "reps": reps, "pipeline_batches": pipeline_batches,
+    return {"methods": out, "checkpoint_seconds": _checkpoint_seconds(trainers["ce"]),
+            "steps": steps, "reps": reps, "pipeline_batches": pipeline_batches,
             "batch_size": cfg.batch_size, "arch": cfg.arch, "machine": machine()}
+
+
+def _checkpoint_seconds(trainer) -> float:
+    """Time of one epoch's writes in kood.run (checkpoint, last.keras and best.keras), into a temp dir."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kood-bench-") as tmp:
+        start = time.perf_counter()
+        state = {"epoch": 1, "best_epoch": 1, "history": [], "finished": False}
+        checkpoint.save(os.path.join(tmp, "ckpt"), trainer.classifier, trainer.optimizer, state)
+        run._keras_files(trainer.classifier, tmp, state)
+        return time.perf_counter() - start
 
 
 def speed_markdown(speed: dict) -> str:
@@ -434,12 +456,14 @@ def run_speed(cfg: BenchConfig, steps: int = 20, reps: int = 5, pipeline_batches
 def make_plan(cfg: BenchConfig) -> dict:
     """Epochs to use: the requested ones, or scaled down (never up) to fit `budget_minutes`.
 
-    The estimate is seeds x (pretrain steps x CE step time + fine-tune steps x each method's step
-    time) with step time = compute + input-pipeline time per batch from `measure_speed` (a few
-    steps), plus each cell's overhead, also from `measure_speed`: the setup (model build, compile,
-    first traced steps) of each training run, and for each evaluated cell a CE setup (model load and
-    tracing) plus one forward pass over its test images (`_eval_images`; a third of a CE train step
-    per batch: backward costs about two forwards). Both epoch counts are scaled by the same factor.
+    The budget counts from the command's start (import and this planning included). The estimate is
+    seeds x (pretrain epochs x CE epoch time + fine-tune epochs x each method's epoch time), with
+    epoch time = steps x (compute + input-pipeline time per batch) + a fresh pipeline's first batch +
+    the epoch's checkpoint writes, all from `measure_speed` (a few steps); plus each cell's overhead,
+    also from `measure_speed`: the setup (model build, compile, first traced steps) of each training
+    run, and for each evaluated cell a CE setup (model load and tracing) plus one forward pass over
+    its test images (`_eval_images`; a third of a CE train step per batch: backward costs about two
+    forwards). Both epoch counts are scaled by the same factor.
     """
     plan = {"budget_minutes": cfg.budget_minutes,
             "pretrain_epochs": {"requested": cfg.pretrain_epochs, "used": cfg.pretrain_epochs},
@@ -448,19 +472,25 @@ def make_plan(cfg: BenchConfig) -> dict:
         return plan
     trained = [m for m in cfg.methods if m != "ce"]
     print("budget: timing a few steps per method ...", file=sys.stderr)
-    speed = measure_speed(cfg, trained, steps=5, reps=2, pipeline_batches=20)["methods"]
+    measured = measure_speed(cfg, trained, steps=5, reps=2, pipeline_batches=20)
+    speed = measured["methods"]
 
     def seconds(name):
         m = speed[name]
         return m["step_seconds"] + 1.0 / m["pipeline_batches_per_second"]
 
-    pre = 0.0 if cfg.init_checkpoint else cfg.pretrain_epochs * _steps_per_epoch(cfg, "ce") * seconds("ce")
-    fine = sum(cfg.finetune_epochs * _steps_per_epoch(cfg, m) * seconds(m) for m in trained)
+    def epoch(name):
+        return (_steps_per_epoch(cfg, name) * seconds(name) + speed[name]["pipeline_start_seconds"]
+                + measured["checkpoint_seconds"])
+
+    pre = 0.0 if cfg.init_checkpoint else cfg.pretrain_epochs * epoch("ce")
+    fine = sum(cfg.finetune_epochs * epoch(m) for m in trained)
     setup = {m: speed[m]["setup_seconds"] for m in speed}
     evaluation = setup["ce"] + _eval_images(cfg) / cfg.batch_size * speed["ce"]["step_seconds"] / 3
     # per seed: pretraining (no evaluation), the evaluation-only ce cell, each trained cell
     per_seed = (0.0 if cfg.init_checkpoint else setup["ce"]) + len(cfg.methods) * evaluation
-    overhead = cfg.seeds * (per_seed + sum(setup[m] for m in trained))
+    spent = time.perf_counter() - STARTED  # the command so far: imports, reading the sets, this timing
+    overhead = spent + cfg.seeds * (per_seed + sum(setup[m] for m in trained))
     train = cfg.seeds * (pre + fine)
     budget = cfg.budget_minutes * 60.0
     factor = min(1.0, max(0.0, budget - overhead) / train) if train > 0 else 1.0
@@ -469,9 +499,10 @@ def make_plan(cfg: BenchConfig) -> dict:
     used = cfg.seeds * (pre * plan["pretrain_epochs"]["used"] / cfg.pretrain_epochs
                         + fine * plan["finetune_epochs"]["used"] / cfg.finetune_epochs) + overhead
     plan.update(estimate_seconds=round(train + overhead, 1), overhead_seconds=round(overhead, 1),
-                scale=round(factor, 4),
+                planning_seconds=round(spent, 1), scale=round(factor, 4),
                 estimate_used_seconds=round(used, 1), fits=used <= budget,
-                step_seconds={m: round(seconds(m), 5) for m in speed})
+                step_seconds={m: round(seconds(m), 5) for m in speed},
+                epoch_seconds={m: round(epoch(m), 3) for m in speed})
     return plan
 
 

@@ -236,21 +236,27 @@ def test_flag_parsers():
 def test_budget_scales_epochs_down_never_up(sets, tmp_path, monkeypatch):
     step = {"ce": 0.01, "energy": 0.02, "greg+sio": 0.04}
     setup = {"ce": 2.0, "energy": 3.0, "greg+sio": 4.0}  # model build, compile, first traced steps
-    fake = {"methods": {m: {"step_seconds": t, "pipeline_batches_per_second": 100.0, "setup_seconds": setup[m]}
-                        for m, t in step.items()}}
+    fake = {"methods": {m: {"step_seconds": t, "pipeline_batches_per_second": 100.0, "setup_seconds": setup[m],
+                            "pipeline_start_seconds": 0.5} for m, t in step.items()},
+            "checkpoint_seconds": 0.25}
     monkeypatch.setattr(bench, "measure_speed", lambda cfg, methods, steps, reps, pipeline_batches: fake)
+    monkeypatch.setattr(bench, "STARTED", bench.time.perf_counter() - 7.0)  # 7 s of imports and reading
     cfg = _cfg(sets, str(tmp_path / "o"), methods=["ce", "energy", "greg+sio"], init_checkpoint=None,
                pretrain_epochs=40, finetune_epochs=20, steps_per_epoch=50, budget_minutes=3.0)
-    # seconds per step = step + 1/100 (pipeline); 2 seeds x (40 x 50 x 0.02 + 20 x 50 x (0.03 + 0.05))
-    train = 2 * (40 * 50 * 0.02 + 20 * 50 * (0.03 + 0.05))
-    # measured overhead: a cell's evaluation = a CE setup + a forward pass (a third of a CE step per batch of 16)
-    # over 301 ID test + 354 OOD + the auxiliary images; per seed: pretraining's setup, 3 evaluated cells, 2
-    # trained cells' setups
+    # an epoch = 50 steps x (step + 1/100 pipeline) + 0.5 s pipeline start + 0.25 s of checkpoint writes;
+    # 2 seeds x (40 CE epochs + 20 epochs of each trained method)
+    epoch = {m: 50 * (t + 0.01) + 0.75 for m, t in step.items()}
+    train = 2 * (40 * epoch["ce"] + 20 * (epoch["energy"] + epoch["greg+sio"]))
+    # measured overhead: the command so far, and per cell: a cell's evaluation = a CE setup + a forward pass (a
+    # third of a CE step per batch of 16) over 301 ID test + 354 OOD + the auxiliary images; per seed:
+    # pretraining's setup, 3 evaluated cells, 2 trained cells' setups
     aux = bench.read_manifest(sets["aux"]).count("train")
     evaluation = 2.0 + (301 + 354 + aux) / 16 * 0.01 / 3
-    overhead = 2 * (2.0 + 3 * evaluation + 3.0 + 4.0)
     plan = bench.make_plan(cfg)
+    assert 7.0 <= plan["planning_seconds"] < 8.0
+    overhead = plan["planning_seconds"] + 2 * (2.0 + 3 * evaluation + 3.0 + 4.0)
     factor = (180.0 - overhead) / train
+    assert plan["epoch_seconds"] == pytest.approx(epoch, abs=1e-3)
     assert plan["overhead_seconds"] == pytest.approx(overhead, abs=0.1)
     assert plan["estimate_seconds"] == pytest.approx(train + overhead, abs=0.1)
     assert plan["pretrain_epochs"] == {"requested": 40, "used": int(40 * factor)}
@@ -276,7 +282,9 @@ def test_speed_writes_ratios_to_ce(sets, tmp_path):
     assert set(on_disk["methods"]) == {"ce", "greg"}
     ce = speed["methods"]["ce"]
     assert ce["step_ratio"] == 1.0 and ce["pipeline_ratio"] == 1.0
-    assert all(m["setup_seconds"] > 0 for m in speed["methods"].values())  # the budget's per-cell overhead
+    # the budget's per-cell and per-epoch overheads
+    assert all(m["setup_seconds"] > 0 and m["pipeline_start_seconds"] > 0 for m in speed["methods"].values())
+    assert speed["checkpoint_seconds"] > 0
     for name in ("greg",):
         m = speed["methods"][name]
         ratios = np.array(m["step_seconds_per_rep"]) / np.array(ce["step_seconds_per_rep"])
@@ -373,8 +381,8 @@ def test_moved_output_resumes(sets, tmp_path, monkeypatch):
 
 
 def test_budget_scaling_is_printed_before_training(sets, tmp_path, monkeypatch, capsys):
-    fake = {"methods": {m: {"step_seconds": 0.05, "pipeline_batches_per_second": 100.0, "setup_seconds": 1.0}
-                        for m in ("ce", "energy")}}
+    fake = {"methods": {m: {"step_seconds": 0.05, "pipeline_batches_per_second": 100.0, "setup_seconds": 1.0,
+                            "pipeline_start_seconds": 0.1} for m in ("ce", "energy")}, "checkpoint_seconds": 0.1}
     monkeypatch.setattr(bench, "measure_speed", lambda cfg, methods, steps, reps, pipeline_batches: fake)
 
     def no_training(rc):
