@@ -53,7 +53,7 @@ from kood.detectors.energy import energy_score  # noqa: E402
 from kood.errors import ConfigError, DataError, check_output_dir, parse_key_values, run_app  # noqa: E402
 from kood.evaluate import evaluate, parse_detectors, parse_ood  # noqa: E402
 from kood.manifest import ID_KINDS, json_text, read_json, read_manifest, read_manifest_of, write_text_atomic  # noqa: E402
-from kood.methods import METHODS, method_config  # noqa: E402
+from kood.methods import METHODS, method_config, resolve_pool_factor  # noqa: E402
 from kood.models import PRECISIONS, build_classifier, load_classifier  # noqa: E402
 from kood.progress import Progress  # noqa: E402
 from kood.run import RunConfig  # noqa: E402
@@ -361,7 +361,10 @@ def measure_speed(cfg: BenchConfig, methods: list[str], steps: int = 20, reps: i
         keras.utils.set_random_seed(0)
         model = build_classifier(cfg.arch, input_shape=manifest.shape, num_classes=manifest.num_classes,
                                  mean=manifest.mean, std=manifest.std, precision=cfg.precision, **cfg.arch_kwargs)
-        trainer = OODTrainer(model, method_config(base, **method_overrides(cfg, name)), seed=0)
+        mcfg = method_config(base, **method_overrides(cfg, name))
+        if cfg.aux_data:  # as kood.run does
+            mcfg = resolve_pool_factor(mcfg, read_manifest(cfg.aux_data).count("train"), manifest.count("train"))
+        trainer = OODTrainer(model, mcfg, seed=0)
         trainer.compile(optimizer=keras.optimizers.SGD(1e-4, momentum=0.9))
         batch = next(iter(_train_pipeline(cfg, name, trainer)))
         images_per_batch[name] = sum(int(t.shape[0]) for t in tf.nest.flatten(batch) if t.shape.rank == 4)

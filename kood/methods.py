@@ -36,6 +36,8 @@ class MethodConfig:
         pool_factor: GReg+ candidate pool size as a multiple of the ID batch size (may be fractional;
             the pool is round(pool_factor x B)). methods.md's rule is N_aux / N_id (the auxiliary
             set read once per epoch): 6 for CIFAR (50K) with 300K RandomImages, the default.
+            `"auto"`: that rule (at least 2), computed by kood.train / kood.bench from the train
+            splits' sizes (`resolve_pool_factor`); a trainer needs the number.
         two_way: GReg+ takes both the lowest- and highest-energy sample of each cluster.
         kmeans_iters: Lloyd iterations of the in-graph K-means.
         pool_dtype: compute dtype of the GReg+ candidate-pool forward (weights stay float32):
@@ -56,7 +58,7 @@ class MethodConfig:
     grad_space: str = "normalized"
     sampler: str = "random"
     cluster_k: int = 64
-    pool_factor: float = 6.0
+    pool_factor: float | str = 6.0  # or "auto"
     two_way: bool = True
     kmeans_iters: int = 10
     pool_dtype: str = "float32"
@@ -107,9 +109,12 @@ class MethodConfig:
             bad("m_in", f"must be below --m_out={self.m_out} (ID energies are pushed below m_in, outliers above m_out)")
         if self.cluster_k < 1:
             bad("cluster_k", "must be >= 1")
-        if not math.isfinite(self.pool_factor):
-            bad("pool_factor", "must be a finite number")
-        if self.pool_factor < 2 and self.sampler == "energy_cluster":
+        if self.pool_factor == "auto":
+            if self.sampler != "energy_cluster":
+                bad("pool_factor", "sizes the candidate pool of --sampler=energy_cluster (GReg+)")
+        elif isinstance(self.pool_factor, str) or not math.isfinite(self.pool_factor):
+            bad("pool_factor", "must be a finite number or auto (the paper's rule N_aux / N_id)")
+        elif self.pool_factor < 2 and self.sampler == "energy_cluster":
             bad("pool_factor", "must be >= 2 for the energy_cluster sampler, which selects 2 x batch_size")
         if self.kmeans_iters < 1:
             bad("kmeans_iters", "must be >= 1")
@@ -126,6 +131,20 @@ class MethodConfig:
                 "2 x batch_size outliers it selects from --pool_factor x batch_size candidates")
         if self.temperature <= 0:
             bad("temperature", "must be > 0")
+
+
+def resolve_pool_factor(config: MethodConfig, num_aux: int, num_id: int) -> MethodConfig:
+    """`config` with `pool_factor="auto"` replaced by methods.md's rule N_aux / N_id (at least 2).
+
+    Args:
+        num_aux, num_id: images in the auxiliary and the ID train split.
+
+    Example:
+        resolve_pool_factor(method_config("greg_plus", pool_factor="auto"), 300_000, 50_000).pool_factor  # 6.0
+    """
+    if config.pool_factor != "auto":
+        return config
+    return dataclasses.replace(config, pool_factor=max(2.0, num_aux / num_id))
 
 
 METHODS: dict[str, dict] = {

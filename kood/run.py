@@ -26,7 +26,7 @@ from kood import checkpoint, data, distribute, losses, metrics
 from kood.errors import ConfigError, DataError, check_output_dir
 from kood.manifest import (ID_KINDS, fingerprint, json_text, read_json, read_manifest, read_manifest_of,
                            write_text_atomic)
-from kood.methods import MethodConfig, method_config
+from kood.methods import MethodConfig, method_config, resolve_pool_factor
 from kood.models import (ARCHITECTURES, PRECISIONS, build_classifier, classifier_file, load_classifier,
                          non_finite_weights)
 from kood.rundir import resolve_model
@@ -306,7 +306,9 @@ def _describe(cfg: RunConfig, mcfg: MethodConfig, manifest, steps: int, aux_batc
     if mcfg.uses_aux and mcfg.sampler == "energy_cluster":
         # methods.md's pool is N_aux / N_id x B (every auxiliary image once per epoch); say how far the flag is
         ratio = num_aux / manifest.count("train") if num_aux else None
-        rule = "" if ratio is None else f" (the paper's rule N_aux / N_id would be {ratio:.3g}" + (
+        auto = cfg.method_overrides.get("pool_factor") == "auto"
+        rule = "" if ratio is None else (" (--pool_factor=auto: " if auto else " (") + (
+            f"the paper's rule N_aux / N_id {'is' if auto else 'would be'} {ratio:.3g}") + (
             ", below the minimum 2: GReg+ picks 2 x B)" if ratio < 2 else ")")
         aux = f" + {2 * cfg.batch_size} auxiliary chosen from {aux_batch} candidates{rule}"
     synthetic = cfg.batch_size - int(cfg.batch_size * cfg.sio_ratio)  # kood.data's split of each batch
@@ -515,6 +517,8 @@ def run_training(cfg: RunConfig) -> dict:
                 raise DataError(f"--{flag}={directory} holds {other[1].shape} images, --id_data={cfg.id_data} holds "
                                 f"{manifest.shape}; convert them to the same "
                                 f"{_conversion_hint(other[1].shape, manifest.shape)}")
+    if "aux_data" in inputs:
+        mcfg = resolve_pool_factor(mcfg, inputs["aux_data"][1].count("train"), manifest.count("train"))
     syn = inputs.get("syn_data", (None, None))[1]
     if syn is not None and syn.class_names != manifest.class_names and data.unnamed_classes(syn) and cfg.verbose:
         print(f"note: --syn_data={cfg.syn_data} has unnamed classes ('0'..'{syn.num_classes - 1}'): its label i is "

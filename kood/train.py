@@ -46,9 +46,9 @@ flags.DEFINE_enum("grad_space", None, GRAD_SPACES,
                   "Input space of the gradient norm: normalized (paper, default) or pixel (0..255).")
 flags.DEFINE_enum("sampler", None, SAMPLERS, "Auxiliary sampler: random | energy_cluster (GReg+).")
 flags.DEFINE_integer("cluster_k", None, f"GReg+ K-means clusters, min(k, batch_size) (default {_D.cluster_k}).")
-flags.DEFINE_float("pool_factor", None, f"GReg+ candidate pool = round(pool_factor x batch_size) (default "
-                  f"{_D.pool_factor:g}: CIFAR with 300K RandomImages; the paper's rule is N_aux / N_id, which the "
-                  f"run's header shows).")
+flags.DEFINE_string("pool_factor", None, f"GReg+ candidate pool = round(pool_factor x batch_size) (default "
+                   f"{_D.pool_factor:g}: CIFAR with 300K RandomImages), or auto: the paper's rule N_aux / N_id "
+                   f"(train splits of --aux_data and --id_data, at least 2), which the run's header shows.")
 flags.DEFINE_boolean("two_way", None, "GReg+: take the lowest- AND highest-energy sample per cluster (default true).")
 flags.DEFINE_integer("kmeans_iters", None, f"Lloyd iterations of the in-graph K-means (default {_D.kmeans_iters}).")
 flags.DEFINE_enum("pool_dtype", None, POOL_DTYPES,
@@ -135,6 +135,12 @@ def _milestones(values: list[str]) -> tuple[int, ...]:
 
 def config_from_flags() -> RunConfig:
     overrides = {name: FLAGS[name].value for name in METHOD_FLAGS if FLAGS[name].present}
+    if "pool_factor" in overrides and overrides["pool_factor"] != "auto":
+        try:
+            overrides["pool_factor"] = float(overrides["pool_factor"])
+        except ValueError:
+            raise ConfigError(f"--pool_factor must be a number or auto. Received: pool_factor="
+                              f"{overrides['pool_factor']!r}") from None
     values = {name: FLAGS[name].value for name in (
         "sio_ratio", "arch", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "min_lr",
         "lr_gamma", "epochs", "steps_per_epoch", "batch_size", "augment", "seed", "init_checkpoint", "val_split",

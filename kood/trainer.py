@@ -55,6 +55,10 @@ class OODTrainer(keras.Model):
     def __init__(self, classifier: keras.Model, config: MethodConfig, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         config.validate()
+        if config.pool_factor == "auto":
+            raise ConfigError("pool_factor='auto' is methods.md's rule N_aux / N_id, which needs the data sets' "
+                              "sizes: give the trainer kood.methods.resolve_pool_factor(config, num_aux, num_id) "
+                              "(kood.train and kood.bench do)")
         self.classifier = classifier
         self.config = config
         self.seed = int(seed)

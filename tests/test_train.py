@@ -904,3 +904,36 @@ def test_fractional_pool_factor_and_the_papers_rule_in_the_header(digit_sets):
     n_id = manifest.count("train")
     header = run_lib._describe(cfg, method_config("greg_plus"), manifest, 3, 96, 0, num_aux=3 * n_id)
     assert "+ 32 auxiliary chosen from 96 candidates (the paper's rule N_aux / N_id would be 3)" in header
+
+
+def test_pool_factor_auto_is_the_papers_rule_from_the_sets(digit_sets, tmp_path, capsys):
+    from absl import flags
+
+    from kood import train
+    from kood.methods import resolve_pool_factor
+
+    assert resolve_pool_factor(method_config("greg_plus", pool_factor="auto"), 300_000, 50_000).pool_factor == 6.0
+    assert resolve_pool_factor(method_config("greg_plus", pool_factor="auto"), 900, 1000).pool_factor == 2.0
+    assert resolve_pool_factor(method_config("greg_plus", pool_factor=3), 900, 1000).pool_factor == 3
+    with pytest.raises(ConfigError, match="--pool_factor: sizes the candidate pool of --sampler=energy_cluster"):
+        method_config("greg", pool_factor="auto")
+    with pytest.raises(ConfigError, match="give the trainer kood.methods.resolve_pool_factor"):
+        OODTrainer(_classifier(), method_config("greg_plus", pool_factor="auto"))
+    try:
+        flags.FLAGS(["kood.train", "--id_data=x", "--method=greg_plus", "--pool_factor=2.5"])
+        assert train.config_from_flags().method_overrides["pool_factor"] == 2.5
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["kood.train", "--id_data=x", "--method=greg_plus", "--pool_factor=half"])
+        with pytest.raises(ConfigError, match="--pool_factor must be a number or auto. Received: pool_factor='half'"):
+            train.config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+    n_aux = run_lib.read_manifest(digit_sets["aux"]).count("train")
+    n_id = run_lib.read_manifest(digit_sets["id"]).count("train")
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="greg_plus", epochs=1, steps_per_epoch=1, verbose=1,
+                  ood_data={}, method_overrides={"cluster_k": 4, "pool_factor": "auto"})
+    run_lib.run_training(cfg)
+    pool = int(round(max(2.0, n_aux / n_id) * 16))
+    assert (f"+ 32 auxiliary chosen from {pool} candidates (--pool_factor=auto: the paper's rule N_aux / N_id is "
+            f"{n_aux / n_id:.3g}") in capsys.readouterr().err
+    run_lib.run_training(cfg)  # a finished run's rerun: the same settings ("auto"), nothing to resume
