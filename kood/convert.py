@@ -28,7 +28,7 @@ from kood.progress import Progress
 from kood.records import ENCODINGS, UNLABELLED
 from kood.sources import Source, SplitSource, open_source
 from kood.writer import (DEFAULT_ENCODING, DatasetWriter, WriteLock, check_out_dir, class_names_for, command_line,
-                         write_shard)
+                         removed_if_left_empty, write_shard)
 
 RESIZE_MODES = ("resize", "center_crop")
 UNLABELLED_KINDS = ("outlier", "ood")
@@ -309,7 +309,7 @@ def convert_and_pseudo_label(source: str, out_dir: str, model_path: str, *, min_
     Example:
         convert_and_pseudo_label("folder:gan_samples", "data/syn", "runs/ce", min_confidence=0.9)
     """
-    from kood.pseudo_label import load_model, pseudo_label
+    from kood.pseudo_label import load_model
 
     if not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"--min_confidence must be in [0, 1]. Received: min_confidence={min_confidence}")
@@ -322,8 +322,23 @@ def convert_and_pseudo_label(source: str, out_dir: str, model_path: str, *, min_
     model = load_model(model_path)  # before the conversion: a bad model or image size fails fast
     size, channels = convert_kwargs.get("image_size"), convert_kwargs.get("channels")
     _check_model_input(model, (size, size, channels), source, model_path, size, channels)
+    with removed_if_left_empty(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        out_lock = WriteLock(out_dir)  # before the conversion's work: a busy --out is refused up front
+        try:
+            manifest = _convert_and_label(source, out_dir, model_path, model, min_confidence, batch_size,
+                                          overwrite, command, size, channels, convert_kwargs)
+        finally:
+            out_lock.release()
+    return manifest
+
+
+def _convert_and_label(source, out_dir, model_path, model, min_confidence, batch_size, overwrite, command, size,
+                       channels, convert_kwargs) -> Manifest:
+    """`convert_and_pseudo_label`'s work, with `out_dir` locked."""
+    from kood.pseudo_label import pseudo_label
+
     parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
     prefix = f".{os.path.basename(os.path.abspath(out_dir))}.unlabelled."
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     tmp_lock = WriteLock(tmp)  # held until the temporary set is removed: marks it as in use

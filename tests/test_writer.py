@@ -107,3 +107,24 @@ def test_pseudo_labelling_removes_temporary_sets_of_killed_runs_only(tmp_path, m
     other.close()
     assert read_manifest(str(tmp_path / "syn")).kind == "synthetic"
     assert sorted(os.listdir(tmp_path)) == [".syn.unlabelled.running", "gen", "m.keras", "syn"]
+
+
+def test_pseudo_labelling_into_a_busy_out_is_refused_before_converting(tmp_path, monkeypatch):
+    from kood import convert as convert_lib
+    from tests.test_convert import _tiny_classifier
+
+    d, _, _ = dh.make_image_folder(tmp_path / "gen", 6)
+    _tiny_classifier(str(tmp_path / "m.keras"))
+    converted = []
+    monkeypatch.setattr(convert_lib, "convert", lambda *a, **k: converted.append(a) or convert(*a, **k))
+    other = _held_elsewhere(str(tmp_path / "syn"))
+    with pytest.raises(DataError, match="syn: pid 4242 on elsewhere is writing a dataset into this directory"):
+        convert_and_pseudo_label(f"folder:{d}", str(tmp_path / "syn"), str(tmp_path / "m.keras"), show_progress=False)
+    assert converted == [] and sorted(os.listdir(tmp_path)) == ["gen", "m.keras", "syn"]  # no temporary set
+    other.close()
+    os.remove(tmp_path / "syn" / LOCK_FILE)
+    os.rmdir(tmp_path / "syn")
+    convert_and_pseudo_label(f"folder:{d}", str(tmp_path / "fresh" / "syn"), str(tmp_path / "m.keras"),
+                             show_progress=False)
+    assert sorted(os.listdir(tmp_path / "fresh" / "syn")) == sorted(["manifest.json", *(
+        f for f in os.listdir(tmp_path / "fresh" / "syn") if f.endswith(".tfrecord"))])  # lock released and removed
