@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from kood.errors import DataError, check_output_dir
-from kood.manifest import KINDS, MANIFEST, Manifest, shard_name, write_manifest
+from kood.manifest import KINDS, MANIFEST, TASKS, Manifest, shard_name, write_manifest
 from kood.progress import Progress
 from kood.records import ENCODINGS, encode_example
 
@@ -120,6 +120,22 @@ def _acquire(path: str, directory: str):
                 f.flush()
                 return f
         f.close()
+
+
+def _refuse_running_tasks(directory: str) -> None:
+    """DataError if a fanned-out task (`kood.fanout`, locking only its own DIR/tasks/ part) is writing into `directory`."""
+    tasks = os.path.join(directory, TASKS)
+    for name in sorted(os.listdir(tasks)) if os.path.isdir(tasks) else []:
+        part = os.path.join(tasks, name)
+        if os.path.isfile(os.path.join(part, LOCK_FILE)):
+            try:
+                WriteLock(part).release()
+            except DataError:
+                with open(os.path.join(part, LOCK_FILE)) as f:
+                    owner = f.read().strip() or "another process"
+                raise DataError(f"{directory}: a task of a fanned-out conversion ({owner}) is writing into {part}; "
+                                f"wait for the tasks and merge them (data_prep.merge), or write to another --out")\
+                    from None
 
 
 def sha256_file(path: str) -> str:
@@ -270,6 +286,7 @@ class DatasetWriter:
         check_out_dir(directory, overwrite)
         os.makedirs(directory, exist_ok=True)
         self._lock = WriteLock(directory)  # before claiming: --overwrite must not remove a running writer's work
+        _refuse_running_tasks(directory)
         claim_directory(directory, overwrite)
 
     def write_split(self, split: str, items: Iterable[Item], num_shards: int = 1, total: int | None = None,

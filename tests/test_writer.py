@@ -128,3 +128,18 @@ def test_pseudo_labelling_into_a_busy_out_is_refused_before_converting(tmp_path,
                              show_progress=False)
     assert sorted(os.listdir(tmp_path / "fresh" / "syn")) == sorted(["manifest.json", *(
         f for f in os.listdir(tmp_path / "fresh" / "syn") if f.endswith(".tfrecord"))])  # lock released and removed
+
+
+def test_a_plain_conversion_into_a_dir_with_running_tasks_is_refused(tmp_path):
+    path, _, _ = dh.make_npz(tmp_path / "a.npz", n=8)
+    out = tmp_path / "out"
+    convert(f"npz:{path}", str(out), num_shards=2, task_index=0, num_tasks=2, show_progress=False)
+    task1 = out / "tasks" / "task-00001-of-00002"
+    other = _held_elsewhere(str(task1))  # task 1 is running
+    with pytest.raises(DataError, match=f"{out}: a task of a fanned-out conversion \\(pid 4242 on elsewhere\\) is "
+                                        f"writing into {task1}"):
+        convert(f"npz:{path}", str(out), show_progress=False)
+    assert sorted(os.listdir(out)) == ["tasks"]  # nothing written, the lock released
+    other.close()
+    convert(f"npz:{path}", str(out), num_shards=2, task_index=1, num_tasks=2, show_progress=False)
+    assert merge_tasks(str(out)).count("train") == 8
