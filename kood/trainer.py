@@ -29,7 +29,7 @@ import tensorflow as tf
 from kood import losses, sampling
 from kood.errors import ConfigError
 from kood.methods import MethodConfig
-from kood.models import model_precision, normalized_model
+from kood.models import REQUIRED_LAYERS, model_precision, normalized_model
 from kood.models.layers import compute_dtype
 
 METRIC_NAMES = ("loss", "ce_loss", "energy_loss", "oe_loss", "grad_penalty", "accuracy", "weight_grad_norm",
@@ -44,7 +44,8 @@ class OODTrainer(keras.Model):
     """Wraps a kood classifier (see `kood.models.build_classifier`) with the OOD train step.
 
     Args:
-        classifier: functional model with layers `normalize`, `features`, `classifier`.
+        classifier: functional model with layers `normalize`, `features`, `classifier` (any Keras model laid
+            out as `CLASSIFIER_RECIPE` says; `check_trainable_classifier` names what else is missing).
         config: the method's hyperparameters (`kood.methods.method_config`).
         seed: base seed of the in-graph sampler (combined with the step counter).
 
@@ -54,6 +55,7 @@ class OODTrainer(keras.Model):
 
     def __init__(self, classifier: keras.Model, config: MethodConfig, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
+        check_trainable_classifier(classifier)
         config.validate()
         if config.pool_factor == "auto":
             raise ConfigError("pool_factor='auto' is methods.md's rule N_aux / N_id, which needs the data sets' "
@@ -233,6 +235,54 @@ class OODTrainer(keras.Model):
             total = tf.reduce_sum(losses.energy_score(self.net(x_norm, training=False)["logits"],
                                                       self.config.temperature))
         return losses.grad_norm_per_sample(tape.gradient(total, x_norm) * self._pixel_scale)
+
+
+CLASSIFIER_RECIPE = (
+    "OODTrainer needs a functional (or Sequential) Keras model whose input goes straight into a normalization "
+    "layer named 'normalize' (keras.layers.Normalization(mean=..., variance=...) or kood.models.layers."
+    "Normalization), whose penultimate [B, D] feature vector is the output of a layer named 'features' (e.g. the "
+    "GlobalAveragePooling2D, or keras.layers.Activation('linear', name='features')), and whose logits come from a "
+    "linear layer named 'classifier' (no softmax); kood.models.build_classifier builds such models")
+
+
+def check_trainable_classifier(model) -> None:
+    """Raises a ConfigError saying what to change unless `model` is a classifier OODTrainer can train.
+
+    kood's own models always are; a user's model needs the layout of `CLASSIFIER_RECIPE`. Checked up front
+    because each violation otherwise fails deep inside Keras/TF or, worse, trains on other inputs than the
+    model's own (layers before `normalize` would be skipped by the train step).
+    """
+    def bad(problem, received):
+        raise ConfigError(f"{problem}. {CLASSIFIER_RECIPE}. Received: {received}")
+
+    if not isinstance(model, keras.Model):
+        bad("`classifier` must be a keras.Model", f"classifier={type(model).__name__}")
+    names = {layer.name for layer in model.layers}
+    missing = [n for n in REQUIRED_LAYERS if n not in names]
+    if missing:
+        bad(f"The model has no layer named {missing}", f"model {model.name!r} with layers {sorted(names)}")
+    layers = {n: model.get_layer(n) for n in REQUIRED_LAYERS}
+    try:
+        outputs = {n: layer.output for n, layer in layers.items()}
+        model_input = model.inputs[0]
+    except (AttributeError, TypeError, IndexError, ValueError) as e:  # subclassed model: no layer graph
+        bad(f"The model's layers have no symbolic inputs/outputs (a subclassed keras.Model?): {str(e).rstrip('.')}",
+            f"model {model.name!r} of type {type(model).__name__}")
+    normalize = layers["normalize"]
+    if len(model.inputs) != 1 or normalize.input is not model_input:
+        bad("The 'normalize' layer must take the model's (single) input directly: the train step applies it to "
+            "the raw batch, so layers before it would be skipped in training", f"{len(model.inputs)} model "
+            f"input(s); 'normalize' applied to {getattr(normalize.input, 'name', normalize.input)!r}")
+    if not hasattr(normalize, "variance"):
+        bad("The 'normalize' layer must hold the input `variance` (the GReg penalty is measured w.r.t. its "
+            "output)", f"'normalize' is a {type(normalize).__name__}")
+    if len(outputs["features"].shape) != 2:
+        bad("The 'features' layer must output a [B, D] vector (the penultimate features used by GReg+ "
+            "sampling and the detectors)", f"'features' output shape {tuple(outputs['features'].shape)}")
+    activation = getattr(layers["classifier"], "activation", None)
+    if activation is not None and getattr(activation, "__name__", "linear") != "linear":
+        bad("The 'classifier' layer must output logits (the energy score and the cross-entropy take logits)",
+            f"'classifier' activation={activation.__name__!r}")
 
 
 def _replica() -> tuple:

@@ -1,0 +1,58 @@
+"""OODTrainer used as a library on a user's own Keras models (not kood's registry)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kood.errors import ConfigError
+from kood.methods import method_config
+from kood.trainer import OODTrainer
+
+
+def _own_model(*, before=None, normalize=None, features_flat=True, head_activation=None):
+    """A user's functional model: [before] -> normalize -> conv -> features -> classifier."""
+    inputs = keras.Input((8, 8, 1))
+    x = before(inputs) if before is not None else inputs
+    x = (normalize or keras.layers.Normalization(mean=[30.0], variance=[900.0], name="normalize"))(x)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="features" if not features_flat else None)(x)
+    x = keras.layers.GlobalAveragePooling2D(name="features" if features_flat else None)(x)
+    return keras.Model(inputs, keras.layers.Dense(3, activation=head_activation, name="classifier")(x))
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.normalize = keras.layers.Normalization(mean=[30.0], variance=[900.0], name="normalize")
+        self.features = keras.layers.GlobalAveragePooling2D(name="features")
+        self.classifier = keras.layers.Dense(3, name="classifier")
+
+    def call(self, x):
+        return self.classifier(self.features(self.normalize(x)))
+
+
+def test_a_users_functional_model_with_the_named_layers_trains():
+    model = _own_model()
+    trainer = OODTrainer(model, method_config("greg"))
+    trainer.compile(optimizer="adam")
+    x = np.random.default_rng(0).uniform(0, 255, (8, 8, 8, 1)).astype("float32")
+    ds = tf.data.Dataset.from_tensors(((x, np.arange(8) % 3), x))
+    assert np.isfinite(trainer.fit(ds, verbose=0).history["loss"][-1])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)]),
+     "no layer named ['normalize', 'features', 'classifier']"),
+    (lambda: _own_model(before=keras.layers.Rescaling(1 / 255.0)), "must take the model's (single) input directly"),
+    (lambda: _own_model(normalize=keras.layers.Rescaling(1 / 255.0, name="normalize")), "`variance`"),
+    (lambda: _own_model(features_flat=False), "must output a [B, D] vector"),
+    (lambda: _own_model(head_activation="softmax"), "must output logits"),
+    (lambda: _Subclassed(), "subclassed keras.Model"),
+])
+def test_a_model_the_trainer_cannot_train_is_a_config_error_saying_what_to_change(make, message):
+    with pytest.raises(ConfigError) as e:
+        OODTrainer(make(), method_config("greg"))
+    assert message in str(e.value)
+    assert "named 'normalize'" in str(e.value) and "Received:" in str(e.value)
