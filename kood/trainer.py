@@ -131,9 +131,21 @@ class OODTrainer(keras.Model):
 
     @staticmethod
     def _unpack(data):
-        """`((x_id, y_id), x_aux)` or `(x_id, y_id)` -> `x_id, y_id, x_aux | None`."""
-        (x_id, y_id), x_aux = (data[0], data[1]) if isinstance(data[0], (tuple, list)) else (data, None)
-        return x_id, y_id, x_aux
+        """`((x_id, y_id), x_aux)` or `(x_id, y_id)` -> `x_id, y_id, x_aux | None`.
+
+        `fit(x=...)` without `y` (arrays) reaches the step as Keras' 1-tuple `(x,)`: unwrapped.
+        """
+        if isinstance(data, (tuple, list)) and len(data) == 1:
+            data = data[0]
+        if isinstance(data, (tuple, list)) and len(data) == 2:
+            if not isinstance(data[0], (tuple, list)):
+                return data[0], data[1], None
+            if len(data[0]) == 2 and not isinstance(data[1], (tuple, list)):
+                return data[0][0], data[0][1], data[1]
+        structure = tf.nest.map_structure(lambda t: tuple(getattr(t, "shape", ())), data)
+        raise ConfigError("OODTrainer.fit takes batches of (x_id, y_id), or ((x_id, y_id), x_aux) for methods with "
+                          "auxiliary outliers (e.g. tf.data.Dataset.zip((id_ds, aux_ds))). Received: a batch of "
+                          f"structure {structure}")
 
     def compute_losses(self, x_id: tf.Tensor, y_id: tf.Tensor, x_aux: tf.Tensor | None,
                        training: bool = True) -> dict[str, tf.Tensor]:

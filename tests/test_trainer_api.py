@@ -56,3 +56,19 @@ def test_a_model_the_trainer_cannot_train_is_a_config_error_saying_what_to_chang
         OODTrainer(make(), method_config("greg"))
     assert message in str(e.value)
     assert "named 'normalize'" in str(e.value) and "Received:" in str(e.value)
+
+
+def test_fit_on_arrays_without_y_and_a_batch_of_unknown_structure():
+    rng = np.random.default_rng(0)
+    x_id, y_id, x_aux = (rng.uniform(0, 255, (16, 8, 8, 1)).astype("float32"), np.arange(16) % 3,
+                         rng.uniform(0, 255, (16, 8, 8, 1)).astype("float32"))
+    trainer = OODTrainer(_own_model(), method_config("energy"))
+    trainer.compile(optimizer="adam")
+    # Keras hands arrays given as x alone to train_step as the 1-tuple (x,).
+    history = trainer.fit(x=((x_id, y_id), x_aux), batch_size=8, epochs=1, verbose=0).history
+    assert np.isfinite(history["energy_loss"][-1])
+    ce = OODTrainer(_own_model(), method_config("ce"))
+    ce.compile(optimizer="adam")
+    assert np.isfinite(ce.fit(x=(x_id, y_id), batch_size=8, epochs=1, verbose=0).history["loss"][-1])
+    with pytest.raises(ConfigError, match=r"fit takes batches of \(x_id, y_id\).*Received: a batch of structure"):
+        ce.fit(x=x_id, batch_size=8, epochs=1, verbose=0)
