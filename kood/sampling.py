@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from kood.errors import ConfigError
@@ -31,9 +32,9 @@ def _as_seed(seed) -> tf.Tensor:
 
 
 def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ConfigError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    return value
+    return int(value)
 
 
 def _squared_distances(x: tf.Tensor, centers: tf.Tensor) -> tf.Tensor:
@@ -60,7 +61,7 @@ def _kmeans_pp_init(x: tf.Tensor, k: int, seed: tf.Tensor) -> tf.Tensor:
                           tf.math.log(tf.where(min_d2 > 0, min_d2, 0.0)), tf.zeros_like(min_d2))
         # Gumbel-max draw from softmax(logits): same distribution as stateless_categorical, which XLA
         # cannot compile (StatelessMultinomial), so `jit_compile=True` train steps work too.
-        u = tf.random.stateless_uniform(tf.shape(logits), seeds[i], minval=1e-12, maxval=1.0)
+        u = tf.random.stateless_uniform(tf.shape(logits), seeds[i], minval=1e-12, maxval=1.0, dtype=logits.dtype)
         pick = tf.argmax(logits - tf.math.log(-tf.math.log(u)), output_type=tf.int32)
         pick_x = tf.gather(x, pick[None])
         centers = tf.tensor_scatter_nd_update(centers, [[i]], pick_x)
@@ -88,11 +89,12 @@ def kmeans(x: tf.Tensor, k: int, iters: int = 10, seed=0):
     Example:
         assign, centers = kmeans(tf.random.normal([384, 128]), 64, seed=tf.constant([0, step]))
     """
-    _check_positive_int("k", k)
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+    k = _check_positive_int("k", k)
+    if isinstance(iters, (bool, np.bool_)) or not isinstance(iters, (int, np.integer)) or iters < 0:
         raise ConfigError(f"`iters` must be an integer >= 0. Received: iters={iters!r}")
+    iters = int(iters)
     x = tf.convert_to_tensor(x)
-    if not x.dtype.is_floating:
+    if x.dtype != tf.float64:  # float64 (numpy's default) stays; integers and 16-bit floats compute in float32
         x = tf.cast(x, tf.float32)
     if x.shape.rank != 2:
         raise ConfigError(f"kmeans: `x` must be [N, D]. Received: x shape={x.shape}")
@@ -126,8 +128,8 @@ def select_from_clusters(assignments: tf.Tensor, energies: tf.Tensor, *, num_sel
     Example:
         idx = select_from_clusters(assign, energies, num_select=128, num_clusters=64)
     """
-    _check_positive_int("num_select", num_select)
-    _check_positive_int("num_clusters", num_clusters)
+    num_select = _check_positive_int("num_select", num_select)
+    num_clusters = _check_positive_int("num_clusters", num_clusters)
     per_cluster = 2 if two_way else 1
     if num_select < per_cluster * num_clusters:
         raise ConfigError(f"`num_select` must hold {per_cluster} pick(s) per cluster (>= {per_cluster * num_clusters}"
@@ -193,8 +195,8 @@ def random_sample(num_candidates: int, num_select: int, seed=0) -> tf.Tensor:
     Example:
         idx = random_sample(384, 64, seed=tf.stack([seed, step]))
     """
-    _check_positive_int("num_candidates", num_candidates)
-    _check_positive_int("num_select", num_select)
+    num_candidates = _check_positive_int("num_candidates", num_candidates)
+    num_select = _check_positive_int("num_select", num_select)
     if num_select > num_candidates:
         raise ConfigError(f"`num_select` must be <= `num_candidates`. Received: num_select={num_select}, "
                           f"num_candidates={num_candidates}")

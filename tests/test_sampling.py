@@ -138,3 +138,18 @@ def test_random_sample_unique_and_seeded():
     assert len(set(a)) == 20 and a.max() < 50
     np.testing.assert_array_equal(a, sampling.random_sample(50, 20, seed=1).numpy())
     assert set(a) != set(sampling.random_sample(50, 20, seed=2).numpy())
+
+
+def test_kmeans_and_the_sampler_take_numpy_float64_points_and_numpy_integer_sizes():
+    rng = np.random.default_rng(0)
+    blobs = np.concatenate([rng.normal(0, 0.1, (20, 2)), rng.normal(5, 0.1, (20, 2))])  # float64, as numpy makes them
+    assign, centers = sampling.kmeans(blobs, np.int64(2), iters=np.int32(5), seed=0)
+    assert centers.dtype == tf.float64
+    assert len(set(assign.numpy()[:20])) == 1 and len(set(assign.numpy()[20:])) == 1
+    assert assign.numpy()[0] != assign.numpy()[-1]
+    idx = sampling.energy_cluster_sample(blobs, rng.normal(size=40), num_select=np.int64(8),
+                                         num_clusters=np.int64(2), seed=0)
+    assert len(set(idx.numpy())) == 8
+    assert sampling.random_sample(np.int64(10), np.int64(3), seed=0).shape == (3,)
+    with pytest.raises(ConfigError, match="k=True"):
+        sampling.kmeans(blobs, True)
