@@ -249,3 +249,16 @@ def test_densenet121_imagenet_weights_offline_is_a_config_error_saying_how_to_pr
                                           r"first where there is.*or pass --arch_kwargs=weights=none"):
         build_classifier("densenet121", input_shape=(32, 32, 3), num_classes=10, mean=[0.0] * 3, std=[1.0] * 3,
                          weights="imagenet")
+
+
+def test_model_precision_ignores_a_global_mixed_policy_the_model_does_not_compute_in():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")  # a notebook's global setting
+    try:
+        model = build_classifier("small_cnn", input_shape=(8, 8, 1), num_classes=3, mean=[0.0], std=[1.0])
+        mixed = build_classifier("small_cnn", input_shape=(8, 8, 1), num_classes=3, mean=[0.0], std=[1.0],
+                                 precision="mixed_bfloat16")
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert model_precision(model) == "float32"
+    assert model_precision(mixed) == "mixed_bfloat16"

@@ -115,7 +115,10 @@ def model_precision(model: keras.Model) -> str:
     Example:
         model_precision(load_classifier("runs/c10_greg"))   # "float32"
     """
-    names = {layer.dtype_policy.name for layer in model._flatten_layers(include_self=False)}
+    # The InputLayer computes nothing and takes the global policy at build time (keras.Input has no policy
+    # argument): under a global mixed_bfloat16 a float32 classifier's input layer says mixed_bfloat16.
+    names = {layer.dtype_policy.name for layer in model._flatten_layers(include_self=False)
+             if not isinstance(layer, keras.layers.InputLayer)}
     return "mixed_bfloat16" if "mixed_bfloat16" in names else "float32"
 
 
