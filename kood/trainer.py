@@ -181,9 +181,24 @@ class OODTrainer(keras.Model):
         return {"loss": loss, "ce_loss": ce, "energy_loss": energy_term, "oe_loss": oe_term,
                 "grad_penalty": penalty, "logits": logits, "energies": energies, "num_id": num_id}
 
+    def _check_image_shapes(self, *batches) -> None:
+        """A batch of another image shape than the classifier's input is named here: the step feeds the
+        `normalize` layer directly, where Keras' message ('Dimensions must be equal ... BroadcastTo') names neither."""
+        expected = tuple(self.classifier.input_shape[1:])
+        for what, x in zip(("ID", "auxiliary"), batches):
+            if x is None:
+                continue
+            got = tuple(x.shape[1:])
+            if len(got) != len(expected) or any(e is not None and g is not None and e != g
+                                                for e, g in zip(expected, got)):
+                raise ConfigError(f"The {what} images must have the classifier's input shape {expected} "
+                                  f"(batches [B, {', '.join(map(str, expected))}]). Received: {what} batch shape "
+                                  f"{tuple(x.shape)}")
+
     def train_step(self, data):
         cfg = self.config
         x_id, y_id, x_aux = self._unpack(data)
+        self._check_image_shapes(x_id, x_aux)
         if cfg.uses_aux and x_aux is None:  # kood.train refuses this too; the loss would drop terms silently
             raise ConfigError(f"This method (score_loss={cfg.score_loss}, grad_weight={cfg.grad_weight}, "
                               f"sampler={cfg.sampler}) trains on auxiliary outliers, but the data gives (x_id, y_id) "

@@ -72,3 +72,17 @@ def test_fit_on_arrays_without_y_and_a_batch_of_unknown_structure():
     assert np.isfinite(ce.fit(x=(x_id, y_id), batch_size=8, epochs=1, verbose=0).history["loss"][-1])
     with pytest.raises(ConfigError, match=r"fit takes batches of \(x_id, y_id\).*Received: a batch of structure"):
         ce.fit(x=x_id, batch_size=8, epochs=1, verbose=0)
+
+
+def test_images_of_another_shape_than_the_model_input_are_named():
+    from kood.models import build_classifier
+
+    model = build_classifier("small_cnn", input_shape=(8, 8, 3), num_classes=3, mean=[0.0] * 3, std=[1.0] * 3)
+    trainer = OODTrainer(model, method_config("greg"))
+    trainer.compile(optimizer="adam")
+    x1 = np.zeros((4, 8, 8, 1), np.float32)
+    x3 = np.zeros((4, 8, 8, 3), np.float32)
+    with pytest.raises(ConfigError, match=r"ID images must have the classifier's input shape \(8, 8, 3\).*\(4, 8, 8, 1\)"):
+        trainer.fit(tf.data.Dataset.from_tensors(((x1, np.zeros(4)), x3)), verbose=0)
+    with pytest.raises(ConfigError, match=r"auxiliary images .*Received: auxiliary batch shape \(4, 8, 8, 1\)"):
+        trainer.fit(tf.data.Dataset.from_tensors(((x3, np.zeros(4)), x1)), verbose=0)
