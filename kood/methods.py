@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+
+import numpy as np
 
 from kood.errors import ConfigError
 
@@ -90,6 +93,19 @@ class MethodConfig:
         def bad(flag, msg):
             raise ConfigError(f"--{flag}: {msg}. Received: {flag}={getattr(self, flag)!r}")
 
+        # Types first: a string number would fail in math.isfinite with a bare TypeError, and a float cluster
+        # count or a string two_way ('no' is truthy) would pass the range checks.
+        for name in ("energy_weight", "oe_weight", "m_in", "m_out", "grad_weight", "aux_batch_factor", "temperature",
+                     "pool_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                bad(name, "must be a number")
+        for name in ("cluster_k", "kmeans_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                bad(name, "must be an integer")
+        if not isinstance(self.two_way, (bool, np.bool_)):
+            bad("two_way", "must be True or False")
         if self.score_loss not in SCORE_LOSSES:
             bad("score_loss", f"must be one of {SCORE_LOSSES}")
         if self.sampler not in SAMPLERS:

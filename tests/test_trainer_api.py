@@ -86,3 +86,23 @@ def test_images_of_another_shape_than_the_model_input_are_named():
         trainer.fit(tf.data.Dataset.from_tensors(((x1, np.zeros(4)), x3)), verbose=0)
     with pytest.raises(ConfigError, match=r"auxiliary images .*Received: auxiliary batch shape \(4, 8, 8, 1\)"):
         trainer.fit(tf.data.Dataset.from_tensors(((x3, np.zeros(4)), x1)), verbose=0)
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(m_in="-25"), "--m_in: must be a number. Received: m_in='-25'"),
+    (dict(pool_factor=None), "--pool_factor: must be a number"),
+    (dict(cluster_k=2.5), "--cluster_k: must be an integer. Received: cluster_k=2.5"),
+    (dict(kmeans_iters=2.5), "--kmeans_iters: must be an integer"),
+    (dict(two_way="no"), "--two_way: must be True or False. Received: two_way='no'"),
+    (dict(grad_weight=True), "--grad_weight: must be a number"),
+])
+def test_method_hyperparameters_of_the_wrong_type_are_config_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        method_config("greg_plus", **override)
+    assert message in str(e.value)
+
+
+def test_method_hyperparameters_accept_ints_for_floats_and_numpy_numbers():
+    cfg = method_config("greg_plus", m_in=-25, m_out=np.float32(-7.0), cluster_k=np.int64(8), pool_factor=4,
+                        two_way=np.bool_(False))
+    assert cfg.cluster_k == 8 and not cfg.two_way
