@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shlex
 import sys
 from typing import Iterator
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import flags  # noqa: E402
-
-from kood.writer import DEFAULT_ENCODING, removed_if_left_empty  # noqa: E402
+from kood.writer import DEFAULT_ENCODING, removed_if_left_empty
 
 FLAGS = flags.FLAGS
 

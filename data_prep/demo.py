@@ -5,14 +5,10 @@ DIR/ood (held-out OOD, digits 8-9) and DIR/syn (synthetic digits 0-5) from
 scikit-learn's bundled digits; see kood.demo_data for the choices.
 """
 
-import os
+from absl import app, flags
+from kood.errors import run_app
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags  # noqa: E402
-from kood.errors import run_app  # noqa: E402
-
-from data_prep._common import cli_errors  # noqa: E402
+from data_prep._common import cli_errors
 
 flags.DEFINE_string("out", None, "Root directory for the demo datasets (id, aux, ood, syn).", required=True)
 flags.DEFINE_integer("seed", 0, "Split and generator seed; the same seed gives byte-identical shards.")

@@ -13,14 +13,10 @@ last. A missing, unfinished or mismatched task is named and nothing changes.
 An interrupted merge can be rerun.
 """
 
-import os
+from absl import app
+from kood.errors import run_app
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app  # noqa: E402
-from kood.errors import run_app  # noqa: E402
-
-from data_prep._common import cli_errors, command_line, report  # noqa: E402
+from data_prep._common import cli_errors, command_line, report
 
 
 def main(argv):

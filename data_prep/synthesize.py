@@ -9,14 +9,10 @@ classifier on the synthetic images and a Frechet distance on PCA features
 (with the real-vs-real value for reference). See kood.synthesize.
 """
 
-import os
+from absl import app, flags
+from kood.errors import run_app
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags  # noqa: E402
-from kood.errors import run_app  # noqa: E402
-
-from data_prep._common import cli_errors  # noqa: E402
+from data_prep._common import cli_errors
 
 flags.DEFINE_string("real", None, "Real, labelled kood dataset dir to learn from.", required=True)
 flags.DEFINE_string("out", None, "Output dataset dir.", required=True)

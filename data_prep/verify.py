@@ -5,12 +5,8 @@ decodes every image and checks labels. Exit status 0 only if everything holds;
 otherwise every problem is printed (file and record index) and the status is 1.
 """
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app, flags  # noqa: E402
-from kood.errors import run_app  # noqa: E402
+from absl import app, flags
+from kood.errors import run_app
 
 flags.DEFINE_integer("max_problems", 100, "Stop listing after this many problems per directory.")
 FLAGS = flags.FLAGS

@@ -44,19 +44,17 @@ STARTED = time.perf_counter()  # before TensorFlow's import: --budget_minutes co
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf
 
-import tensorflow as tf  # noqa: E402
-
-from kood import checkpoint, data, run  # noqa: E402
-from kood.detectors.energy import energy_score  # noqa: E402
-from kood.errors import ConfigError, DataError, check_output_dir, parse_key_values, run_app  # noqa: E402
-from kood.evaluate import evaluate, parse_detectors, parse_ood  # noqa: E402
-from kood.manifest import ID_KINDS, json_text, read_json, read_manifest, read_manifest_of, write_text_atomic  # noqa: E402
-from kood.methods import METHODS, method_config, resolve_pool_factor  # noqa: E402
-from kood.models import PRECISIONS, build_classifier, load_classifier  # noqa: E402
-from kood.progress import Progress  # noqa: E402
-from kood.run import RunConfig  # noqa: E402
+from kood import checkpoint, data, run
+from kood.detectors.energy import energy_score
+from kood.errors import ConfigError, DataError, check_output_dir, parse_key_values, run_app
+from kood.evaluate import evaluate, parse_detectors, parse_ood
+from kood.manifest import ID_KINDS, json_text, read_json, read_manifest, read_manifest_of, write_text_atomic
+from kood.methods import METHODS, method_config, resolve_pool_factor
+from kood.models import PRECISIONS, build_classifier, load_classifier
+from kood.progress import Progress
+from kood.run import RunConfig
 
 SIO_SUFFIX = "+sio"
 CE_ROW = "ce+energy-score"

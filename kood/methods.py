@@ -98,8 +98,11 @@ class MethodConfig:
         for name in ("energy_weight", "oe_weight", "m_in", "m_out", "grad_weight", "aux_batch_factor", "temperature",
                      "pool_factor"):
             value = getattr(self, name)
+            if name == "pool_factor" and value == "auto":
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                bad(name, "must be a number")
+                bad(name, "must be a number" + (" or auto (the paper's rule N_aux / N_id)" if name == "pool_factor"
+                                                else ""))
         for name in ("cluster_k", "kmeans_iters"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -128,7 +131,7 @@ class MethodConfig:
         if self.pool_factor == "auto":
             if self.sampler != "energy_cluster":
                 bad("pool_factor", "sizes the candidate pool of --sampler=energy_cluster (GReg+)")
-        elif isinstance(self.pool_factor, str) or not math.isfinite(self.pool_factor):
+        elif not math.isfinite(self.pool_factor):
             bad("pool_factor", "must be a finite number or auto (the paper's rule N_aux / N_id)")
         elif self.pool_factor < 2 and self.sampler == "energy_cluster":
             bad("pool_factor", "must be >= 2 for the energy_cluster sampler, which selects 2 x batch_size")

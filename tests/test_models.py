@@ -262,3 +262,18 @@ def test_model_precision_ignores_a_global_mixed_policy_the_model_does_not_comput
         keras.config.set_dtype_policy(previous)
     assert model_precision(model) == "float32"
     assert model_precision(mixed) == "mixed_bfloat16"
+
+
+def test_import_kood_registers_its_layers_for_keras_load_model(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from kood.models import build_classifier
+
+    path = str(tmp_path / "m.keras")
+    build_classifier("small_cnn", input_shape=(8, 8, 1), num_classes=3, mean=[1.0], std=[1.0]).save(path)
+    code = f"import kood, keras; print(keras.models.load_model({path!r}).name)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
+                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    assert out.returncode == 0 and out.stdout.strip() == "small_cnn", out.stderr[-2000:]
