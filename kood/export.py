@@ -133,7 +133,7 @@ def calibrate_threshold(id_scores, tpr: float = 0.95) -> float:
     below the next larger score (module docstring).
 
     Example:
-        calibrate_threshold(np.arange(20.0), 0.95)   # 18.00002: accepts 0..18, i.e. 19 of 20
+        calibrate_threshold(np.arange(20.0), 0.95)   # 18.00018: accepts 0..18, i.e. 19 of 20
     """
     scores = np.asarray(id_scores, np.float32).reshape(-1)
     kth = np.float32(threshold_at_tpr(scores, tpr))  # ConfigError on empty / non-finite / bad tpr

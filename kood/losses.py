@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from kood.errors import ConfigError
+
 
 def _mean(x: tf.Tensor) -> tf.Tensor:
     """Mean that is 0 for an empty tensor (a batch without auxiliary samples)."""
     count = tf.cast(tf.size(x), x.dtype)
     return tf.reduce_sum(x) / tf.maximum(count, 1.0)
+
+
+def _as_tensor(x) -> tf.Tensor:
+    """Arrays (a notebook's numpy images) as float32 tensors: a tape can only watch tensors."""
+    return x if tf.is_tensor(x) else tf.convert_to_tensor(x, tf.float32)
 
 
 def energy_score(logits: tf.Tensor, temperature: float = 1.0) -> tf.Tensor:
@@ -32,6 +39,8 @@ def energy_score(logits: tf.Tensor, temperature: float = 1.0) -> tf.Tensor:
     Example:
         energy_score(tf.constant([[0.0, 0.0]]))  # -> [-log 2]
     """
+    if isinstance(temperature, (int, float)) and not temperature > 0:  # a tensor T is the caller's to check
+        raise ConfigError(f"The energy temperature must be > 0. Received: temperature={temperature}")
     logits = tf.cast(logits, tf.float32)
     return -temperature * tf.reduce_logsumexp(logits / temperature, axis=-1)
 
@@ -142,6 +151,7 @@ def score_gradient_penalty(net, x_norm: tf.Tensor, num_id, m_in: float, m_out: f
             res = score_gradient_penalty(net, normalize(x), b, -25.0, -7.0)
             loss = ce(res["logits"][:b]) + res["penalty"]
     """
+    x_norm = _as_tensor(x_norm)
     with tf.GradientTape() as inner:
         inner.watch(x_norm)
         out = net(x_norm, training=training)
@@ -166,6 +176,7 @@ def score_input_grad_norms(net, x_norm: tf.Tensor, temperature: float = 1.0, tra
     Example:
         norms = score_input_grad_norms(net, normalize(images))
     """
+    x_norm = _as_tensor(x_norm)
     with tf.GradientTape() as tape:
         tape.watch(x_norm)
         # The sum must be taken under the tape, or the gradient is None.

@@ -306,6 +306,13 @@ def check_trainable_classifier(model) -> None:
     if len(outputs["features"].shape) != 2:
         bad("The 'features' layer must output a [B, D] vector (the penultimate features used by GReg+ "
             "sampling and the detectors)", f"'features' output shape {tuple(outputs['features'].shape)}")
+    float16 = [layer.name for layer in model.layers if getattr(layer, "compute_dtype", None) == "float16"
+               and not isinstance(layer, keras.layers.InputLayer)]  # an input's dtype is the global policy's
+    if float16:
+        raise ConfigError("kood trains in float32 or mixed_bfloat16: float16 would need loss scaling of the loss "
+                          "and of the GReg penalty's inner gradient, which the train step does not do. Build the "
+                          "model under keras.mixed_precision.set_global_policy('mixed_bfloat16') (or float32). "
+                          f"Received: layers computing in float16: {float16[:3]}{' ...' if len(float16) > 3 else ''}")
     activation = getattr(layers["classifier"], "activation", None)
     if activation is not None and getattr(activation, "__name__", "linear") != "linear":
         bad("The 'classifier' layer must output logits (the energy score and the cross-entropy take logits)",

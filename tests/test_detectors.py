@@ -292,3 +292,33 @@ def test_not_a_kood_classifier():
     plain = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
     with pytest.raises(ConfigError, match="not a kood classifier"):
         make_detector("msp", plain)
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "odin"])  # a fitted detector on outputs, and odin's own path
+def test_fit_and_score_take_arrays_and_datasets_as_keras_fit_does(name):
+    model = tiny_classifier()
+    x = noise_images(20).astype(np.float32)
+    y = np.arange(20) % model.output_shape[-1]  # every class, for mahalanobis' class means
+    batched = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    reference = make_detector(name, model).fit(batched)
+    expected = np.concatenate([reference.score(x[i:i + 8]) for i in range(0, 20, 8)])
+    det = make_detector(name, model).fit((x, y))  # arrays, as keras.Model.fit(x, y) takes them
+    np.testing.assert_allclose(det.score(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(det.score(batched), expected, rtol=1e-5, atol=1e-5)  # a dataset of (x, y)
+    np.testing.assert_allclose(det.score(batched.map(lambda a, b: a)), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match=f"{name}: the dataset to score yielded no batches"):
+        det.score(batched.take(0))
+
+
+def test_losses_take_numpy_images_and_refuse_a_non_positive_temperature():
+    from kood import losses
+    from kood.models import normalized_model
+
+    net = normalized_model(tiny_classifier())
+    x = noise_images(4).astype(np.float64) / 255.0
+    norms = losses.score_input_grad_norms(net, x)
+    np.testing.assert_allclose(norms, losses.score_input_grad_norms(net, tf.constant(x, tf.float32)), rtol=1e-6)
+    res = losses.score_gradient_penalty(net, x, 2, -25.0, -7.0)
+    assert res["grad_norms"].shape == (4,)
+    with pytest.raises(ConfigError, match="temperature must be > 0. Received: temperature=0.0"):
+        losses.energy_score(tf.zeros((2, 3)), 0.0)

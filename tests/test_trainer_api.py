@@ -106,3 +106,14 @@ def test_method_hyperparameters_accept_ints_for_floats_and_numpy_numbers():
     cfg = method_config("greg_plus", m_in=-25, m_out=np.float32(-7.0), cluster_k=np.int64(8), pool_factor=4,
                         two_way=np.bool_(False))
     assert cfg.cluster_k == 8 and not cfg.two_way
+
+
+def test_a_model_computing_in_float16_is_refused():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _own_model()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    with pytest.raises(ConfigError, match=r"float16 would need loss scaling.*Received: layers computing in float16: "
+                                          r"\['normalize'"):
+        OODTrainer(model, method_config("greg"))

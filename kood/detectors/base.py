@@ -81,12 +81,24 @@ def _batch_parts(batch) -> tuple[tf.Tensor, tf.Tensor | None]:
     return batch, None
 
 
+def _as_batches(data) -> Iterable:
+    """`data` as batches: arrays `images` [N, H, W, C] or `(images, labels [N])` are cut into batches."""
+    def is_array(a, rank):
+        return isinstance(a, (np.ndarray, tf.Tensor)) and len(a.shape) == rank
+
+    if is_array(data, 4) or (isinstance(data, tuple) and len(data) == 2 and is_array(data[0], 4)
+                             and is_array(data[1], 1)):
+        return tf.data.Dataset.from_tensor_slices(data).batch(256)
+    return data
+
+
 def collect_outputs(model: keras.Model, dataset: Iterable, desc: str = "outputs") -> dict[str, np.ndarray]:
     """Runs the classifier over `dataset` once: {"logits" [N,K], "features" [N,D], "labels" [N] or absent}.
 
     Args:
         model: a kood classifier.
-        dataset: batches of `(images, labels)` or of images (e.g. `kood.data.eval_dataset`).
+        dataset: batches of `(images, labels)` or of images (e.g. `kood.data.eval_dataset`), or arrays
+            as `keras.Model.fit` takes them: `(images, labels)` or `images`, cut into batches of 256.
         desc: label of the progress line.
 
     Example:
@@ -95,7 +107,7 @@ def collect_outputs(model: keras.Model, dataset: Iterable, desc: str = "outputs"
     forward = forward_fn(model)
     logits, features, labels = [], [], []
     with Progress(desc) as bar:
-        for batch in dataset:
+        for batch in _as_batches(dataset):
             images, y = _batch_parts(batch)
             out = forward(model_images(model, images, desc))
             logits.append(out["logits"].numpy())
@@ -164,8 +176,17 @@ class Detector:
                               "score() (kood.evaluate: --fit_data)")
 
     def score(self, images) -> np.ndarray:
-        """OOD scores of a batch of float32 pixel images `[B, H, W, C]`; higher = more OOD."""
+        """OOD scores of a batch of float32 pixel images `[B, H, W, C]` (or of every image of a
+        `tf.data.Dataset` of such batches, or of `(images, labels)` batches); higher = more OOD."""
         self._check_fitted()
+        if isinstance(images, tf.data.Dataset):
+            scores = [self._score_batch(_batch_parts(batch)[0]) for batch in images]
+            if not scores:
+                raise ConfigError(f"{self.name}: the dataset to score yielded no batches")
+            return np.concatenate(scores)
+        return self._score_batch(images)
+
+    def _score_batch(self, images) -> np.ndarray:
         out = self._forward(model_images(self.model, images, self.name))
         return self.score_outputs({k: v.numpy() for k, v in out.items()})
 

@@ -58,6 +58,6 @@ class Odin(Detector):
         x = x - (255.0 * self.eps) * gradient_sign(tape.gradient(loss, x))
         return self.model(x, training=False)
 
-    def score(self, images) -> np.ndarray:
+    def _score_batch(self, images) -> np.ndarray:
         logits = self._perturbed_logits(model_images(self.model, images, self.name)).numpy()
         return odin_score(logits, self.temperature)
