@@ -272,3 +272,15 @@ def test_test_reading_a_data_directory_needs_it_in_data(tmp_path):
         f.write(build_check.suggest_build(root))
     assert 'data = glob(["flags/**"]),' in open(os.path.join(root, "BUILD")).read()
     assert build_check.check(root) == ([], [])
+
+
+def test_git_ignored_output_dirs_are_not_data(tmp_path):
+    # kood.train names "kood_runs"; a flagfile run from the repository root creates it (git-ignored)
+    root = make_tree(tmp_path, {**BASE_TREE, "kood/train.py": BASE_TREE["kood/train.py"] + 'RUNS = "kood_runs"\n'})
+    os.makedirs(os.path.join(root, "kood_runs", "demo"))
+    subprocess.run(["git", "init", "-q", root], check=True)
+    assert build_check.check(root)[0] == [':train does not have kood_runs/ in its data (kood/train.py names '
+                                          '"kood_runs"); add data = glob(["kood_runs/**"]).']
+    with open(os.path.join(root, ".gitignore"), "w") as f:
+        f.write("/kood_runs/\n")
+    assert build_check.check(root) == ([], [])

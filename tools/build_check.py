@@ -337,12 +337,25 @@ def _data_entries(root: str, files: list[str]) -> set[str]:
     """Top-level files and directories that are data, not Python ("flags/", "pyproject.toml")."""
     code_dirs = {f.split("/")[0] for f in files if "/" in f}
     entries = set()
-    for name in os.listdir(root):
+    names = os.listdir(root)
+    ignored = _git_ignored(root, names)  # e.g. kood_runs/ of a flagfile run from the repository root
+    for name in names:
         # Bazel's own files are data only of the BUILD check's test, by hand.
-        if _skip_dir(name) or name.endswith(".py") or name in code_dirs or name in _BAZEL_FILES:
+        if _skip_dir(name) or name.endswith(".py") or name in code_dirs or name in _BAZEL_FILES or name in ignored:
             continue
         entries.add(f"{name}/" if os.path.isdir(os.path.join(root, name)) else name)
     return entries
+
+
+def _git_ignored(root: str, names: list[str]) -> set[str]:
+    """The `names` in `root` that git ignores (.gitignore); none outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", root, "check-ignore", "--", *names], capture_output=True, text=True)
+    except OSError:  # no git
+        return set()
+    return {line.rstrip("/") for line in out.stdout.splitlines()}
 
 
 def _named_data(root: str, path: str, entries: set[str]) -> list[str]:
