@@ -1,8 +1,14 @@
 """kood: out-of-distribution detection by training, for Keras 3 / TensorFlow."""
 
 import os
+import sys as _sys
 
 __version__ = "0.1.0"
+
+if _sys.argv[:1] == ["-m"]:  # imported as the parent package of `python -m kood.X`: a CLI is starting
+    from kood.errors import quiet_startup_interrupts as _quiet
+
+    _quiet()
 
 # Before TensorFlow's import: its C++ INFO/WARNING lines (oneDNN, CUDA stubs) drown kood's output.
 # Errors still show; set TF_CPP_MIN_LOG_LEVEL yourself to see everything.

@@ -29,6 +29,32 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def quiet_startup_interrupts() -> None:
+    """Ctrl-C or SIGTERM while a `python -m kood.X` / `data_prep.X` command is still importing (TensorFlow
+    takes several seconds, before `run_app` runs) ends it with one line and exit code 130 / 143, as later on,
+    instead of a traceback through the import machinery. Nothing has been written yet then. Called by the
+    `kood` and `data_prep` packages while Python imports them as the parent of a `-m` module (`sys.argv[0]`
+    is "-m" only then); `run_app` restores the usual handling.
+    """
+    import signal
+
+    argv = list(getattr(sys, "orig_argv", []))
+    prog = next((a[2:] or (argv[i + 1] if i + 1 < len(argv) else "") for i, a in enumerate(argv)
+                 if a.startswith("-m")), "") or "kood"
+
+    def stop(signum, frame):
+        how, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("Ctrl-C", 130)
+        try:
+            sys.stderr.write(f"{chr(10) if sys.stderr.isatty() else ''}{prog}: interrupted ({how}) while "
+                             f"starting; nothing was written\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def quiet_info_logs() -> None:
     """Hides TF's absl INFO lines (SavedModel writer, tf.distribute reductions) unless --verbosity is given."""
     from absl import flags
@@ -54,6 +80,7 @@ def run_app(main: Callable[[list[str]], object]) -> None:
 
     from absl import app
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # was quiet_startup_interrupts' during the imports
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         app.run(main)

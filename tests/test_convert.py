@@ -110,6 +110,31 @@ def test_overwrite_is_required_to_replace(tmp_path):
     assert _convert(f"npz:{path}", tmp_path / "out", limit=3, overwrite=True).count("train") == 3
 
 
+@pytest.mark.parametrize("module", ["data_prep.real", "kood.train"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_while_importing_is_one_line(tmp_path, module, sig):
+    # the first seconds of every CLI are imports (TensorFlow); Ctrl-C there printed a 40-80 line traceback
+    out = tmp_path / "out"
+    args = ([f"--source=npz:{tmp_path / 'missing.npz'}", f"--out={out}"] if module.startswith("data_prep")
+            else [f"--model_dir={out}"])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.8)  # inside `import tensorflow` (several seconds)
+        assert proc.poll() is None
+        proc.send_signal(sig)
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    how, code = ("Ctrl-C", 130) if sig == signal.SIGINT else ("SIGTERM", 143)
+    assert proc.returncode == code, stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == f"{module}: interrupted ({how}) while starting; nothing was written"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_interrupted_cli_leaves_no_manifest_and_rerun_completes(tmp_path, sig):
     path, _ = dh.make_npy(tmp_path / "r.npy", n=30000, shape=(16, 16, 3))
