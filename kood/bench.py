@@ -55,6 +55,7 @@ from kood.methods import METHODS, method_config, resolve_pool_factor
 from kood.models import PRECISIONS, build_classifier, load_classifier
 from kood.progress import Progress
 from kood.run import RunConfig
+from kood.writer import WriteLock, removed_if_left_empty
 
 SIO_SUFFIX = "+sio"
 CE_ROW = "ce+energy-score"
@@ -443,10 +444,14 @@ def speed_markdown(speed: dict) -> str:
 def run_speed(cfg: BenchConfig, steps: int = 20, reps: int = 5, pipeline_batches: int = 100) -> dict:
     """`--speed`: measures and writes OUTPUT/speed.json and speed.md."""
     validate(cfg)
-    speed = measure_speed(cfg, cfg.methods, steps, reps, pipeline_batches)
-    os.makedirs(cfg.output, exist_ok=True)
-    write_text_atomic(os.path.join(cfg.output, "speed.md"), speed_markdown(speed))
-    write_text_atomic(os.path.join(cfg.output, "speed.json"), json_text(speed))
+    with removed_if_left_empty(cfg.output):
+        lock = lock_output(cfg)
+        try:
+            speed = measure_speed(cfg, cfg.methods, steps, reps, pipeline_batches)
+            write_text_atomic(os.path.join(cfg.output, "speed.md"), speed_markdown(speed))
+            write_text_atomic(os.path.join(cfg.output, "speed.json"), json_text(speed))
+        finally:
+            lock.release()
     return speed
 
 
@@ -1039,6 +1044,25 @@ def run_bench(cfg: BenchConfig) -> dict:
         print(report["summary"]["greg"]["fpr95/average"])
     """
     validate(cfg)
+    with removed_if_left_empty(cfg.output):
+        lock = lock_output(cfg)
+        try:
+            return _run_cells(cfg)
+        finally:
+            lock.release()
+
+
+def lock_output(cfg: BenchConfig) -> WriteLock:
+    """Refuses a second bench into `cfg.output` (both would train and report the same runs at once)."""
+    check_output_dir(cfg.output)
+    os.makedirs(cfg.output, exist_ok=True)
+    return WriteLock(cfg.output, activity="running a bench into this --output",
+                     advice="wait for it or stop it (rerunning the same command then resumes the bench), or use "
+                            "another --output. Two benches in one --output would train the same runs at once")
+
+
+def _run_cells(cfg: BenchConfig) -> dict:
+    """`run_bench` with `cfg.output` locked."""
     plan = _load_or_make_plan(cfg)
     if plan["budget_minutes"] is not None:
         print(budget_note(plan), file=sys.stderr, flush=True)

@@ -54,7 +54,8 @@ class WriteLock:
     finishes last would write a manifest over records the other replaced. The lock is an OS file lock
     (flock), so it goes away with its process, even on SIGKILL, and a killed run never blocks the
     next one. It is re-entrant within a process and released by `release()`, when the object is
-    garbage-collected, or at exit; releasing removes the lock file.
+    garbage-collected, or at exit; releasing removes the lock file. kood.train and kood.bench lock
+    their output directories the same way, with their own `activity` and `advice` in the error.
 
     Raises:
         DataError: another process holds the lock, naming its pid and host.
@@ -67,12 +68,14 @@ class WriteLock:
 
     _held: dict[str, list] = {}  # realpath -> [open lock file, holders in this process]
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, activity: str = "writing a dataset into this directory",
+                 advice: str = "wait for it to finish or stop it, or write to another --out. Two writers into "
+                               "one directory would mix their shards"):
         self.path = os.path.join(os.path.realpath(directory), LOCK_FILE)
         if self.path in self._held:
             self._held[self.path][1] += 1
         else:
-            self._held[self.path] = [_acquire(self.path, directory), 1]
+            self._held[self.path] = [_acquire(self.path, directory, activity, advice), 1]
         self._release = weakref.finalize(self, WriteLock._drop, self.path)
 
     def release(self) -> None:
@@ -99,7 +102,7 @@ class WriteLock:
             entry[0].close()
 
 
-def _acquire(path: str, directory: str):
+def _acquire(path: str, directory: str, activity: str, advice: str):
     while True:
         f = open(path, "a+")
         try:
@@ -108,9 +111,7 @@ def _acquire(path: str, directory: str):
             f.seek(0)
             owner = f.read().strip() or "another process"
             f.close()
-            raise DataError(f"{directory}: {owner} is writing a dataset into this directory ({LOCK_FILE}); "
-                            f"wait for it to finish or stop it, or write to another --out. Two writers "
-                            f"into one directory would mix their shards") from None
+            raise DataError(f"{directory}: {owner} is {activity} ({LOCK_FILE}); {advice}") from None
         # A holder that finished removed the file after we opened it: our lock is on a dead inode; retry.
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:

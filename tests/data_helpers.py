@@ -156,3 +156,17 @@ def read_split(directory, split: str):
     recs = list(ds.as_numpy_iterator())
     return (np.stack([r["image"] for r in recs]), np.array([r["label"] for r in recs]),
             np.array([r["index"] for r in recs]), np.array([r["confidence"] for r in recs]))
+
+
+def held_elsewhere(directory, owner="pid 4242 on elsewhere"):
+    """A kood write lock on `directory` held through another open file, as another process would hold it."""
+    import fcntl
+
+    from kood.writer import LOCK_FILE
+
+    os.makedirs(directory, exist_ok=True)
+    f = open(os.path.join(directory, LOCK_FILE), "w")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.write(owner + "\n")
+    f.flush()
+    return f

@@ -444,3 +444,16 @@ def test_ce_cell_is_reevaluated_when_its_settings_change(report):
     assert os.stat(path).st_mtime_ns != before
     assert after["energy_stats"]["m_in"] == -9.0
     assert after["ood"] == next(c for c in rep["cells"] if c["method"] == "ce" and c["seed"] == 0)["ood"]
+
+
+def test_a_second_bench_into_a_running_benchs_output_is_refused(sets, tmp_path):
+    from tests.data_helpers import held_elsewhere
+
+    out = tmp_path / "o"
+    other = held_elsewhere(str(out))
+    for run in (bench.run_bench, bench.run_speed):
+        with pytest.raises(bench.DataError, match=f"{out}: pid 4242 on elsewhere is running a bench into this "
+                                                  "--output .*or use another --output"):
+            run(_cfg(sets, str(out), methods=["ce", "energy"], seeds=1))
+    assert os.listdir(out) == [".kood-writing.lock"]
+    other.close()

@@ -937,3 +937,23 @@ def test_pool_factor_auto_is_the_papers_rule_from_the_sets(digit_sets, tmp_path,
     assert (f"+ 32 auxiliary chosen from {pool} candidates (--pool_factor=auto: the paper's rule N_aux / N_id is "
             f"{n_aux / n_id:.3g}") in capsys.readouterr().err
     run_lib.run_training(cfg)  # a finished run's rerun: the same settings ("auto"), nothing to resume
+
+
+def test_a_second_training_in_a_running_runs_model_dir_is_refused(digit_sets, tmp_path):
+    from tests.data_helpers import held_elsewhere
+
+    model_dir = tmp_path / "run"
+    other = held_elsewhere(str(model_dir))  # a training (e.g. a requeued job's twin) still running there
+    cfg = _config(digit_sets, str(model_dir), epochs=1, steps_per_epoch=1)
+    with pytest.raises(DataError, match=f"{model_dir}: pid 4242 on elsewhere is training the run in this "
+                                        r"--model_dir .*rerunning the same command then resumes the run"):
+        run_lib.run_training(cfg)
+    assert os.listdir(model_dir) == [".kood-writing.lock"]  # nothing of the refused run
+    other.close()
+    os.remove(model_dir / ".kood-writing.lock")
+    run_lib.run_training(cfg)
+    assert (model_dir / "results.json").exists() and not (model_dir / ".kood-writing.lock").exists()
+    shutil.rmtree(model_dir)
+    with pytest.raises(ConfigError):  # a run refused before any work leaves no empty --model_dir
+        run_lib.run_training(_config(digit_sets, str(model_dir), lr_milestones=(1,)))
+    assert not model_dir.exists()

@@ -18,21 +18,11 @@ def _arrays(n=4, value=0):
     return {"train": (np.full((n, 4, 4, 1), value, np.uint8), np.arange(n) % 2)}
 
 
-def _held_elsewhere(directory, owner="pid 4242 on elsewhere"):
-    """A lock on `directory` held through another open file, as another process would hold it."""
-    os.makedirs(directory, exist_ok=True)
-    f = open(os.path.join(directory, LOCK_FILE), "w")
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    f.write(owner + "\n")
-    f.flush()
-    return f
-
-
 def test_a_directory_another_writer_holds_is_refused_and_left_alone(tmp_path):
     out = tmp_path / "out"
     write_arrays(str(out), _arrays(value=1))
     before = {name: (out / name).read_bytes() for name in os.listdir(out)}
-    other = _held_elsewhere(str(out))
+    other = dh.held_elsewhere(str(out))
     with pytest.raises(DataError, match=f"{out}: pid 4242 on elsewhere is writing a dataset into this directory"):
         write_arrays(str(out), _arrays(value=2), overwrite=True)
     # --overwrite did not remove the manifest: the lock is taken before the directory is claimed
@@ -82,7 +72,7 @@ def test_the_same_fanned_out_task_twice_is_refused(tmp_path):
     path, _, _ = dh.make_npz(tmp_path / "a.npz", n=8)
     out = tmp_path / "out"
     task0 = out / "tasks" / "task-00000-of-00002"
-    other = _held_elsewhere(str(task0))
+    other = dh.held_elsewhere(str(task0))
     with pytest.raises(DataError, match="is writing a dataset into this directory"):
         convert(f"npz:{path}", str(out), num_shards=2, task_index=0, num_tasks=2, show_progress=False)
     other.close()
@@ -101,7 +91,7 @@ def test_pseudo_labelling_removes_temporary_sets_of_killed_runs_only(tmp_path, m
     abandoned.mkdir()
     (abandoned / "train-00000-of-00001.tfrecord").write_bytes(b"x")
     in_use = tmp_path / ".syn.unlabelled.running"
-    other = _held_elsewhere(str(in_use))
+    other = dh.held_elsewhere(str(in_use))
     convert_and_pseudo_label(f"folder:{d}", str(tmp_path / "syn"), str(tmp_path / "m.keras"), show_progress=False)
     assert not abandoned.exists() and in_use.is_dir()
     other.close()
@@ -117,7 +107,7 @@ def test_pseudo_labelling_into_a_busy_out_is_refused_before_converting(tmp_path,
     _tiny_classifier(str(tmp_path / "m.keras"))
     converted = []
     monkeypatch.setattr(convert_lib, "convert", lambda *a, **k: converted.append(a) or convert(*a, **k))
-    other = _held_elsewhere(str(tmp_path / "syn"))
+    other = dh.held_elsewhere(str(tmp_path / "syn"))
     with pytest.raises(DataError, match="syn: pid 4242 on elsewhere is writing a dataset into this directory"):
         convert_and_pseudo_label(f"folder:{d}", str(tmp_path / "syn"), str(tmp_path / "m.keras"), show_progress=False)
     assert converted == [] and sorted(os.listdir(tmp_path)) == ["gen", "m.keras", "syn"]  # no temporary set
@@ -135,7 +125,7 @@ def test_a_plain_conversion_into_a_dir_with_running_tasks_is_refused(tmp_path):
     out = tmp_path / "out"
     convert(f"npz:{path}", str(out), num_shards=2, task_index=0, num_tasks=2, show_progress=False)
     task1 = out / "tasks" / "task-00001-of-00002"
-    other = _held_elsewhere(str(task1))  # task 1 is running
+    other = dh.held_elsewhere(str(task1))  # task 1 is running
     with pytest.raises(DataError, match=f"{out}: a task of a fanned-out conversion \\(pid 4242 on elsewhere\\) is "
                                         f"writing into {task1}"):
         convert(f"npz:{path}", str(out), show_progress=False)
