@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import sys
 from typing import Iterator
@@ -87,6 +88,27 @@ def report(manifest, out: str) -> None:
           f"num_classes={manifest.num_classes} encoding={manifest.encoding} {splits}")
 
 
+def written_before(out: str, command: str) -> bool:
+    """True, after saying so and printing what it holds, if `out` holds the complete dataset that this
+    same command wrote: a rerun after a kill that came after the manifest (e.g. a scheduler's retry)
+    succeeds without redoing the work. `--overwrite` converts again."""
+    from kood.errors import DataError
+    from kood.manifest import MANIFEST, read_manifest
+
+    if not os.path.isfile(os.path.join(out, MANIFEST)):
+        return False
+    try:
+        manifest = read_manifest(out)
+    except DataError:
+        return False  # the conversion reports the damaged manifest
+    if manifest.command != command:
+        return False
+    print(f"note: {out} already holds the dataset this command writes (its manifest.json records the same "
+          f"command); nothing to do (--overwrite converts again)", file=sys.stderr)
+    report(manifest, out)
+    return True
+
+
 @contextlib.contextmanager
 def cli_errors(out: str | None = None) -> Iterator[None]:
     """Bad input exits with one `error: ...` line and Ctrl-C with one line, without a traceback.
@@ -99,7 +121,8 @@ def cli_errors(out: str | None = None) -> Iterator[None]:
         with removed_if_left_empty(out) if out else contextlib.nullcontext():
             yield
     except (ConfigError, DataError) as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None  # as the kood.* commands
     except KeyboardInterrupt as e:
         how, code = interruption(e)
         newline = "\n" if sys.stderr.isatty() else ""  # leave the progress line a terminal shows
@@ -115,6 +138,8 @@ def convert_main(argv) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.overwrite and written_before(FLAGS.out, command_line()):
+        return
     with cli_errors(FLAGS.out):
         manifest = convert(FLAGS.source, FLAGS.out, **conversion_kwargs())
     report(manifest, FLAGS.out)

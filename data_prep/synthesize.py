@@ -12,7 +12,7 @@ classifier on the synthetic images and a Frechet distance on PCA features
 from absl import app, flags
 from kood.errors import run_app
 
-from data_prep._common import cli_errors
+from data_prep._common import cli_errors, command_line, written_before
 
 flags.DEFINE_string("real", None, "Real, labelled kood dataset dir to learn from.", required=True)
 flags.DEFINE_string("out", None, "Output dataset dir.", required=True)
@@ -34,10 +34,12 @@ def main(argv):
 
     from kood.synthesize import synthesize
 
+    if not FLAGS.overwrite and written_before(FLAGS.out, command_line()):
+        return
     with cli_errors(FLAGS.out):
         manifest = synthesize(FLAGS.real, FLAGS.out, FLAGS.num_images, model=FLAGS.model,
                               epochs=FLAGS.epochs, seed=FLAGS.seed, split=FLAGS.split,
-                              num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite)
+                              num_shards=FLAGS.num_shards, overwrite=FLAGS.overwrite, command=command_line())
     print(f"wrote {manifest.count('train')} synthetic images to {FLAGS.out}")
     print("quality:", json.dumps(manifest.extra["quality"], indent=2))
 

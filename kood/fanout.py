@@ -24,10 +24,11 @@ import json
 import os
 import re
 import shutil
+import sys
 from typing import Any
 
 from kood.errors import DataError
-from kood.manifest import MANIFEST, TASKS, Manifest, read_json, shard_name, write_text_atomic
+from kood.manifest import MANIFEST, TASKS, Manifest, read_json, read_manifest, shard_name, write_text_atomic
 from kood.writer import DatasetWriter, WriteLock, claim_directory, command_line, remove_stale_shards, sha256_file
 
 TASK_FORMAT = "kood-task/1"
@@ -124,7 +125,7 @@ def merge_tasks(directory: str, *, command: str | None = None) -> Manifest:
         merge_tasks("data/imagenet_train")
     """
     if os.path.exists(os.path.join(directory, MANIFEST)):
-        raise DataError(f"{directory}: already holds a complete dataset (manifest.json); nothing to merge")
+        return _merged_before(directory)
     parts, tdirs = _read_parts(directory)
     first = parts[0]
     for part, tdir in zip(parts[1:], tdirs[1:]):
@@ -144,6 +145,21 @@ def merge_tasks(directory: str, *, command: str | None = None) -> Manifest:
               "merge_command": command if command is not None else command_line()}
     manifest = writer.finish(source=first.source, command=first.command, extra=dict(first.extra, fanout=fanout))
     shutil.rmtree(os.path.join(directory, TASKS))
+    return manifest
+
+
+def _merged_before(directory: str) -> Manifest:
+    """The manifest of a dataset an earlier merge completed (a rerun, e.g. a scheduler's retry after a kill
+    that came after the manifest, removes the task parts it had left); any other complete dataset is an error."""
+    manifest = read_manifest(directory)
+    if "fanout" not in manifest.extra:
+        raise DataError(f"{directory}: already holds a complete dataset (manifest.json) that no merge wrote; "
+                        f"nothing to merge")
+    leftover = os.path.join(directory, TASKS)
+    if os.path.isdir(leftover):
+        shutil.rmtree(leftover)
+    print(f"note: {directory} was merged before (from {manifest.extra['fanout']['num_tasks']} tasks); "
+          f"nothing to do", file=sys.stderr)
     return manifest
 
 

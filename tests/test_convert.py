@@ -340,3 +340,23 @@ def test_pseudo_label_errors_name_the_source_not_the_temp_dir(tmp_path):
         convert_and_pseudo_label(f"folder:{d}", str(tmp_path / "syn"), str(tmp_path / "m.keras"),
                                  min_confidence=1.0, show_progress=False)
     assert not [f for f in os.listdir(tmp_path) if ".unlabelled." in f]
+
+
+def test_rerunning_a_conversion_that_completed_does_nothing_and_succeeds(tmp_path):
+    # e.g. a scheduler's retry after a kill that came right after the manifest was written
+    path, _, _ = dh.make_npz(tmp_path / "a.npz", n=8)
+    out = tmp_path / "out"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    args = [sys.executable, "-m", "data_prep.real", f"--source=npz:{path}", f"--out={out}"]
+
+    def run(*extra):
+        return subprocess.run([*args, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+    assert run().returncode == 0
+    stamp = os.stat(out / "manifest.json").st_mtime_ns
+    again = run()
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already holds the dataset this command writes" in again.stderr and "train=8" in again.stdout
+    assert os.stat(out / "manifest.json").st_mtime_ns == stamp  # nothing rewritten
+    other = run("--num_shards=2")  # another command into the complete set: still refused
+    assert other.returncode == 2 and "already holds a complete dataset; pass --overwrite" in other.stderr

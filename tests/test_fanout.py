@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -92,8 +93,9 @@ def test_cli_task_then_merge_main(tmp_path, source, capsys):
              "--task_index=0", "--num_tasks=2")
     assert r.returncode == 0, r.stderr
     assert "task 0 of 2 done (train=12, test=7)" in r.stdout and f"python -m data_prep.merge {out}" in r.stdout
-    with pytest.raises(SystemExit, match=r"error: .*task\(s\) 1 of 2 missing"):
+    with pytest.raises(SystemExit, match="2"):
         merge.main(["merge", str(out)])
+    assert re.search(r"error: .*task\(s\) 1 of 2 missing", capsys.readouterr().err)
     _task(source, out, 1, n=2)
     merge.main(["merge", str(out)])  # in-process: a second subprocess would double this test's time
     assert f"{out}: kind=real image_shape=[32, 32, 3] num_classes=4 encoding=raw train=30, test=13" \
@@ -170,3 +172,24 @@ def test_parts_of_two_fanouts_refused(tmp_path, source):
     shutil.rmtree(task_dir(str(out), 0, 2))
     part = json.load(open(os.path.join(task_dir(str(out), 0, 3), TASK_FILE)))
     assert part["plan"] == {"train": {"count": 30, "num_shards": 5}, "test": {"count": 13, "num_shards": 2}}
+
+
+def test_a_merge_rerun_after_it_wrote_the_manifest_finishes_its_cleanup(tmp_path, source, monkeypatch):
+    from kood import fanout
+
+    out = tmp_path / "out"
+    for i in range(3):
+        _task(source, out, i)
+
+    def killed(path, *a, **k):  # the merge is killed after the manifest, before removing tasks/
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(fanout.shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            merge_tasks(str(out))
+    assert (out / "manifest.json").exists() and (out / "tasks").is_dir()
+    manifest = merge_tasks(str(out))  # the same command again: done, and the leftover parts removed
+    assert manifest.count("train") == 30 and not (out / "tasks").exists()
+    assert verify_dataset(str(out), show_progress=False).ok
+    assert merge_tasks(str(out)).count("train") == 30  # and again: still nothing to do
