@@ -28,7 +28,7 @@ from kood.progress import Progress
 from kood.records import ENCODINGS, UNLABELLED
 from kood.sources import Source, SplitSource, open_source
 from kood.writer import (DEFAULT_ENCODING, DatasetWriter, WriteLock, check_out_dir, class_names_for, command_line,
-                         removed_if_left_empty, write_shard)
+                         remove_abandoned, removed_if_left_empty, write_shard)
 
 RESIZE_MODES = ("resize", "center_crop")
 UNLABELLED_KINDS = ("outlier", "ood")
@@ -342,7 +342,7 @@ def _convert_and_label(source, out_dir, model_path, model, min_confidence, batch
     prefix = f".{os.path.basename(os.path.abspath(out_dir))}.unlabelled."
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     tmp_lock = WriteLock(tmp)  # held until the temporary set is removed: marks it as in use
-    _remove_abandoned(parent, prefix, keep=tmp)
+    remove_abandoned(parent, prefix, keep=tmp, what="a temporary set")
     try:
         unlabelled = convert(source, tmp, kind="synthetic", allow_unlabelled=True, overwrite=True,
                              command=command, **convert_kwargs)
@@ -360,21 +360,6 @@ def _convert_and_label(source, out_dir, model_path, model, min_confidence, batch
                       "conversion": unlabelled.extra["conversion"]}
     write_manifest(out_dir, manifest)
     return manifest
-
-
-def _remove_abandoned(parent: str, prefix: str, keep: str) -> None:
-    """Removes temporary sets `parent/PREFIX*` other than `keep` that no process holds (a killed run's)."""
-    for name in sorted(os.listdir(parent)):
-        path = os.path.join(parent, name)
-        if not name.startswith(prefix) or not os.path.isdir(path) or os.path.samefile(path, keep):
-            continue
-        try:
-            lock = WriteLock(path)
-        except DataError:
-            continue  # another run's, in use
-        print(f"note: removing {path}, a temporary set left by an interrupted run", file=sys.stderr)
-        shutil.rmtree(path, ignore_errors=True)
-        lock.release()
 
 
 def _check_model_input(model, shape, source: str, model_path: str, image_size, channels) -> None:

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -320,6 +321,10 @@ def _counts_line(settings: dict) -> str:
 def write_reports(results: dict, output: str) -> None:
     """Writes `results.json`, `results.csv`, `results.md` and TensorBoard summaries under `output`."""
     os.makedirs(output, exist_ok=True)
+    # results.json marks a complete evaluation: an earlier run's goes first, so a rerun killed between the
+    # writes below leaves no new csv/md next to an old json that looks complete
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output, "results.json"))
     scores = results.get("scores")
     plain = {k: v for k, v in results.items() if k != "scores"}
     if scores is not None:

@@ -56,6 +56,7 @@ from kood.manifest import ID_KINDS, read_manifest, same_dataset
 from kood.metrics import threshold_at_tpr
 from kood.progress import Progress
 from kood.rundir import CHECKPOINTS, resolve_model, run_finished, run_id_data, run_temperature
+from kood.writer import WriteLock, remove_abandoned
 
 FORMAT = "kood-export/1"
 DETECTOR_JSON = "detector.json"
@@ -357,18 +358,23 @@ def export_detector(model_path: str, out: str, *, id_data: str | None = None, ca
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     # a hidden, visibly partial name in the same directory (rename is atomic there); mkdir honours the umask
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.partial-{uuid.uuid4().hex[:8]}")
+    prefix = f".{os.path.basename(os.path.abspath(out))}.partial-"
+    tmp = os.path.join(parent, f"{prefix}{uuid.uuid4().hex[:8]}")
     os.mkdir(tmp)
+    lock = WriteLock(tmp)  # marks it as in use: an export killed by SIGKILL leaves its temp dir, the next removes it
     try:
+        remove_abandoned(parent, prefix, keep=tmp, what="a partial export")
         tf.saved_model.save(module, tmp, signatures={SIGNATURE: module.serve})
         model.save(os.path.join(tmp, KERAS_FILE))
         with open(os.path.join(tmp, DETECTOR_JSON), "w") as f:  # last: marks a complete export
             json.dump(info, f, indent=2)
             f.write("\n")
+        lock.release()  # removes the lock file, which is not part of the export
         _publish(tmp, out, overwrite)
     finally:  # on any failure nothing complete-looking is left: the temp dir goes
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
+        lock.release()
     return info
 
 

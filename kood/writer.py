@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import socket
+import shutil
 import sys
 import weakref
 from typing import Iterable, Iterator
@@ -121,6 +122,22 @@ def _acquire(path: str, directory: str, activity: str, advice: str):
                 f.flush()
                 return f
         f.close()
+
+
+def remove_abandoned(parent: str, prefix: str, keep: str, what: str) -> None:
+    """Removes directories `parent/PREFIX*` other than `keep` that no process holds (`WriteLock`): the
+    temporary directories of killed runs. `what` names them in the note (e.g. "a temporary set")."""
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if not name.startswith(prefix) or not os.path.isdir(path) or os.path.samefile(path, keep):
+            continue
+        try:
+            lock = WriteLock(path)
+        except DataError:
+            continue  # another run's, in use
+        print(f"note: removing {path}, {what} left by an interrupted run", file=sys.stderr)
+        shutil.rmtree(path, ignore_errors=True)
+        lock.release()
 
 
 def _refuse_running_tasks(directory: str) -> None:

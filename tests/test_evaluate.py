@@ -352,3 +352,23 @@ def test_output_that_is_a_file_stops_before_any_scoring(sets, tmp_path):
                           output=str(a_file), detectors="no_such_detector")  # would fail later, if reached
     with pytest.raises(DataError, match="--output=.*a_file is a file, not a directory"):
         evaluate.run_from_flags(values)
+
+
+def test_a_rerun_killed_while_writing_reports_leaves_no_complete_looking_mix(sets, tmp_path, monkeypatch):
+    from kood.models import load_classifier
+
+    out = str(tmp_path / "out")
+    model = load_classifier(sets["model"])
+    evaluate.write_reports(evaluate.evaluate(model, sets["id"], {"noise": sets["noise"]}, ["energy"], limit=40), out)
+    real = evaluate.write_text_atomic
+
+    def killed_after_the_csv(path, text):
+        real(path, text)
+        if path.endswith("results.csv"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "write_text_atomic", killed_after_the_csv)
+    with pytest.raises(KeyboardInterrupt):  # a rerun with another detector, killed between the reports
+        evaluate.write_reports(evaluate.evaluate(model, sets["id"], {"noise": sets["noise"]}, ["msp"], limit=40), out)
+    assert "msp" in open(os.path.join(out, "results.csv")).read()
+    assert not os.path.exists(os.path.join(out, "results.json"))  # the old, energy-only json is not left

@@ -409,3 +409,17 @@ def test_cli_exports_a_real_training_run(tmp_path):
     assert info["calibration"]["split"] == "test" and info["calibration"]["accepted"] == expected_accepted(n, 0.95)
     assert info["model"]["method"] == "ce" and info["temperature_from"] == "run config.json"
     assert f"accepts {expected_accepted(n, 0.95)}/{n}" in proc.stdout
+
+
+def test_partial_exports_of_killed_runs_are_removed_but_not_one_in_use(run, tmp_path, capsys):
+    from tests.data_helpers import held_elsewhere
+
+    killed = tmp_path / ".export.partial-0badc0de"  # what SIGKILL leaves: the temp dir, no lock holder
+    (killed / "variables").mkdir(parents=True)
+    running = tmp_path / ".export.partial-1234abcd"
+    other = held_elsewhere(str(running))  # another export writing right now
+    export_detector(run["run"], str(tmp_path / "export"), detector="max_logit")
+    assert sorted(os.listdir(tmp_path)) == [".export.partial-1234abcd", "export"]
+    assert f"note: removing {killed}, a partial export left by an interrupted run" in capsys.readouterr().err
+    assert ".kood-writing.lock" not in os.listdir(tmp_path / "export")
+    other.close()
