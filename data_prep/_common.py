@@ -26,8 +26,9 @@ def define_conversion_flags(default_kind: str, kinds: list[str]) -> None:
         "x_train/y_train/x_test/...); npy:FILE (unlabelled N x H x W x C uint8, memory-mapped); "
         "mat:FILE (SVHN *_32x32.mat).", required=True)
     flags.DEFINE_string("out", None, "Output dataset directory.", required=True)
-    flags.DEFINE_enum("kind", default_kind, kinds,
-                      "Dataset kind; outlier and ood sets are written unlabelled (label -1).")
+    unlabelled = [k for k in kinds if k in ("outlier", "ood")]
+    flags.DEFINE_enum("kind", default_kind, kinds, "Dataset kind" + (
+        f"; {' and '.join(unlabelled)} sets are written unlabelled (label -1)." if unlabelled else "."))
     flags.DEFINE_string("split", None,
                         "Output split name for a single-split source (default: the source's own, else "
                         "'test' for --kind=ood and 'train' otherwise); selects one split of a "

@@ -1147,7 +1147,8 @@ def define_flags() -> None:
     flags.DEFINE_string("method_flags", "",
                         "Method hyperparameter overrides: METHOD:key=value[,key=value][;METHOD:...]; METHOD may "
                         "be * (every method) or a base name (also its +sio variant), e.g. '*:m_in=-12,m_out=-5'.")
-    flags.DEFINE_integer("verbose", 0, "Keras progress output of the training runs (0 silent, 2 one line/epoch).")
+    flags.DEFINE_integer("verbose", 0, "Keras progress output of the training runs (0 silent, 1 progress bar, 2 one "
+                         "line/epoch).")
 
 
 def config_from_flags(values) -> BenchConfig:

@@ -34,6 +34,10 @@ from kood.run import OPTIMIZERS, SCHEDULES, RunConfig, validate
 
 _D = MethodConfig()  # preset-free defaults, shown in --help
 
+# The embedded demo's defaults, applied only to flags the user did not set. No flips: a mirrored digit is
+# another shape (README, --augment).
+DEMO_DEFAULTS = dict(epochs=30, batch_size=32, lr=0.05, weight_decay=5e-4, log_every=5, augment=False)
+
 # Method flags: None means "take the --method preset's value".
 flags.DEFINE_enum("method", "greg", sorted(METHODS), "Training method preset (sets the method flags below).")
 flags.DEFINE_enum("score_loss", None, SCORE_LOSSES, "Auxiliary loss: none | oe | energy. Preset-dependent.")
@@ -60,7 +64,8 @@ METHOD_FLAGS = [f.name for f in dataclasses.fields(MethodConfig)]
 
 # Data.
 flags.DEFINE_string("id_data", None, "In-distribution kood dataset dir (splits train and test/val). "
-                    "Unset: run the embedded demo.")
+                    "Unset: run the embedded demo (--demo_dir), whose defaults differ: "
+                    + ", ".join(f"{k}={v}" for k, v in DEMO_DEFAULTS.items()) + " (flags given explicitly win).")
 flags.DEFINE_string("aux_data", None, "Auxiliary outlier kood dataset dir (oe, energy, greg, greg_plus, ...).")
 flags.DEFINE_string("syn_data", None, "Synthetic ID kood dataset dir for SIO (needs --sio_ratio < 1).")
 flags.DEFINE_float("sio_ratio", 1.0, "SIO alpha: real fraction of every ID batch, in (0, 1]; 1 = no synthetic data.")
@@ -120,10 +125,6 @@ flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent (also kood's
                      "line per epoch.")
 
 FLAGS = flags.FLAGS
-
-# The embedded demo's defaults, applied only to flags the user did not set. No flips: a mirrored digit is
-# another shape (README, --augment).
-DEMO_DEFAULTS = dict(epochs=30, batch_size=32, lr=0.05, weight_decay=5e-4, log_every=5, augment=False)
 
 
 def _milestones(values: list[str]) -> tuple[int, ...]:
