@@ -33,7 +33,11 @@ CONVENTION_NOTE = {
 
 
 def _scores(name: str, x) -> np.ndarray:
-    x = np.asarray(x, np.float64).reshape(-1)
+    x = np.asarray(x, np.float64)
+    if x.ndim > 1 and int(np.prod(x.shape[1:])) != 1:  # e.g. logits passed for scores: flattening would mix them
+        raise ConfigError(f"`{name}` must hold one score per sample ([N] or [N, 1]); a [N, K] array such as logits "
+                          f"needs a detector's score first (kood.detectors). Received: {name}.shape={x.shape}")
+    x = x.reshape(-1)
     if x.size == 0:
         raise ConfigError(f"`{name}` is empty; metrics need at least one score. Received: {name}.shape={x.shape}")
     if not np.all(np.isfinite(x)):

@@ -96,8 +96,8 @@ def kmeans(x: tf.Tensor, k: int, iters: int = 10, seed=0):
     x = tf.convert_to_tensor(x)
     if x.dtype != tf.float64:  # float64 (numpy's default) stays; integers and 16-bit floats compute in float32
         x = tf.cast(x, tf.float32)
-    if x.shape.rank != 2:
-        raise ConfigError(f"kmeans: `x` must be [N, D]. Received: x shape={x.shape}")
+    if x.shape.rank != 2 or x.shape[0] == 0:
+        raise ConfigError(f"kmeans: `x` must be [N, D] with N >= 1. Received: x shape={x.shape}")
     centers = _kmeans_pp_init(x, k, _as_seed(seed))
 
     for _ in range(iters):

@@ -83,3 +83,6 @@ def test_bad_inputs():
         metrics.fpr_at_tpr([0.0], [1.0], convention="out")
     with pytest.raises(ConfigError, match="tpr"):
         metrics.fpr_at_tpr([0.0], [1.0], tpr=0.0)
+    with pytest.raises(ConfigError, match=r"one score per sample .*Received: id_scores.shape=\(4, 3\)"):
+        metrics.auroc(np.zeros((4, 3)), [1.0])  # logits instead of scores: flattening would silently mix them
+    assert metrics.auroc(np.zeros((4, 1)), np.ones((2, 1))) == 1.0  # a column of scores is fine

@@ -153,3 +153,8 @@ def test_kmeans_and_the_sampler_take_numpy_float64_points_and_numpy_integer_size
     assert sampling.random_sample(np.int64(10), np.int64(3), seed=0).shape == (3,)
     with pytest.raises(ConfigError, match="k=True"):
         sampling.kmeans(blobs, True)
+
+
+def test_kmeans_of_no_points_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"`x` must be \[N, D\] with N >= 1. Received: x shape=\(0, 3\)"):
+        sampling.kmeans(np.zeros((0, 3), np.float32), 2)
