@@ -310,6 +310,22 @@ def test_fit_and_score_take_arrays_and_datasets_as_keras_fit_does(name):
         det.score(batched.take(0))
 
 
+def test_uint8_images_as_tfds_gives_them():
+    # tfds and a uint8 numpy array give uint8 pixels: a uint8 tf.Tensor batch was refused by
+    # tf.convert_to_tensor(..., tf.float32) ("Tensor conversion requested dtype float32 for ... uint8")
+    model = tiny_classifier()
+    x = noise_images(20).astype(np.uint8)
+    y = np.arange(20) % model.output_shape[-1]
+    expected_det = make_detector("mahalanobis", model).fit((x.astype(np.float32), y))
+    expected = expected_det.score(x.astype(np.float32))
+    det = make_detector("mahalanobis", model).fit((x, y))  # uint8 arrays
+    np.testing.assert_allclose(det.score(x), expected, rtol=1e-5, atol=1e-5)
+    uint8_batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # as tfds yields them
+    np.testing.assert_allclose(det.score(uint8_batches), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(make_detector("mahalanobis", model).fit(uint8_batches).score(x), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_losses_take_numpy_images_and_refuse_a_non_positive_temperature():
     from kood import losses
     from kood.models import normalized_model

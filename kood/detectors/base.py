@@ -66,7 +66,9 @@ def model_images(model: keras.Model, images, who: str) -> tf.Tensor:
         model_images(model, np.zeros((2, 28, 28)), "energy")
         # ConfigError: energy expects images of shape (28, 28, 1) (...). Received: shape (2, 28, 28)
     """
-    x = tf.convert_to_tensor(images, tf.float32)
+    x = tf.convert_to_tensor(images)
+    if x.dtype != tf.float32:  # uint8 pixels as tfds and kood's exports take them, float64 numpy arrays
+        x = tf.cast(x, tf.float32)
     expected = tuple(model.input_shape[1:])
     got = tuple(x.shape)
     if len(got) != len(expected) + 1 or any(e is not None and e != g for e, g in zip(expected, got[1:])):
@@ -176,7 +178,7 @@ class Detector:
                               "score() (kood.evaluate: --fit_data)")
 
     def score(self, images) -> np.ndarray:
-        """OOD scores of a batch of float32 pixel images `[B, H, W, C]` (or of every image of a
+        """OOD scores of a batch of pixel images `[B, H, W, C]` (float32; uint8 is cast) (or of every image of a
         `tf.data.Dataset` of such batches, or of `(images, labels)` batches); higher = more OOD."""
         self._check_fitted()
         if isinstance(images, tf.data.Dataset):
