@@ -29,6 +29,23 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _redeliver_swallowed_interrupts(unraisable) -> None:
+    """`sys.unraisablehook` of the CLIs: a Ctrl-C / SIGTERM whose handler ran inside a `__del__` (TensorFlow
+    frees traced functions in them all the time) raised there, and Python ignores exceptions from `__del__`
+    ("Exception ignored in ..."): the command went on as if no signal had come, to exit 0. Send the signal
+    again a moment later, from outside the finalizer; anything else goes to Python's hook."""
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        import signal
+        import threading
+
+        signum = signal.SIGTERM if issubclass(unraisable.exc_type, Terminated) else signal.SIGINT
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def quiet_startup_interrupts() -> None:
     """Ctrl-C or SIGTERM while a `python -m kood.X` / `data_prep.X` command is still importing (TensorFlow
     takes several seconds, before `run_app` runs) ends it with one line and exit code 130 / 143, as later on,
@@ -82,6 +99,7 @@ def run_app(main: Callable[[list[str]], object]) -> None:
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # was quiet_startup_interrupts' during the imports
     signal.signal(signal.SIGTERM, _raise_terminated)
+    sys.unraisablehook = _redeliver_swallowed_interrupts
     try:
         app.run(main)
     except SystemExit as e:

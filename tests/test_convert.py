@@ -135,6 +135,47 @@ def test_interrupted_while_importing_is_one_line(tmp_path, module, sig):
     assert not out.exists()
 
 
+SIGNAL_IN_DEL = """
+import os, signal, sys, time
+from kood.errors import Terminated, run_app
+
+
+class Finalized:
+    def __del__(self):  # as TF's AtomicFunction.__del__: the signal's handler runs in here
+        os.kill(os.getpid(), signal.SIG{sig})
+        end = time.time() + 0.2
+        while time.time() < end:
+            pass
+
+
+def main(argv):
+    try:
+        Finalized()
+        end = time.time() + 5
+        while time.time() < end:
+            time.sleep(0.01)
+    except KeyboardInterrupt as e:
+        print("stopped", type(e).__name__)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    print("went on")
+
+
+run_app(main)
+"""
+
+
+@pytest.mark.parametrize("sig, code", [("TERM", 143), ("INT", 130)])
+def test_a_signal_handled_inside_a_finalizer_still_stops_the_command(tmp_path, sig, code):
+    # the handler's exception inside __del__ was ignored ("Exception ignored in ..."): kood.train
+    # SIGTERMed while TF freed a traced function trained on to the end and exited 0
+    script = tmp_path / "cli.py"
+    script.write_text(SIGNAL_IN_DEL.format(sig=sig))
+    r = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert r.returncode == code and "stopped" in r.stdout, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert "Exception ignored" not in r.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_interrupted_cli_leaves_no_manifest_and_rerun_completes(tmp_path, sig):
     path, _ = dh.make_npy(tmp_path / "r.npy", n=30000, shape=(16, 16, 3))
