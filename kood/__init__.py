@@ -6,6 +6,9 @@ import sys as _sys
 __version__ = "0.1.0"
 
 if _sys.argv[:1] == ["-m"]:  # imported as the parent package of `python -m kood.X`: a CLI is starting
+    import time as _time
+
+    _CLI_STARTED = _time.perf_counter()  # before TensorFlow's import: kood.bench --budget_minutes counts from here
     from kood.errors import quiet_startup_interrupts as _quiet
 
     _quiet()

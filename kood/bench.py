@@ -40,7 +40,9 @@ import platform
 import sys
 import time
 
-STARTED = time.perf_counter()  # before TensorFlow's import: --budget_minutes counts the whole command
+# The command's start (`python -m kood.bench`: before TensorFlow's import, which `import kood` does): the CLI's
+# --budget_minutes counts the whole command. A library call of run_bench counts from the call instead.
+STARTED = getattr(sys.modules.get("kood"), "_CLI_STARTED", None) or time.perf_counter()
 
 import numpy as np
 
@@ -459,10 +461,11 @@ def run_speed(cfg: BenchConfig, steps: int = 20, reps: int = 5, pipeline_batches
 # Budget plan
 
 
-def make_plan(cfg: BenchConfig) -> dict:
+def make_plan(cfg: BenchConfig, started: float | None = None) -> dict:
     """Epochs to use: the requested ones, or scaled down (never up) to fit `budget_minutes`.
 
-    The budget counts from the command's start (import and this planning included). The estimate is
+    The budget counts from `started` (a `time.perf_counter()` value; the CLI passes the command's start, so
+    import and reading the sets count; default: this call), this planning included. The estimate is
     seeds x (pretrain epochs x CE epoch time + fine-tune epochs x each method's epoch time), with
     epoch time = steps x (compute + input-pipeline time per batch) + a fresh pipeline's first batch +
     the epoch's checkpoint writes, all from `measure_speed` (a few steps); plus each cell's overhead,
@@ -471,6 +474,7 @@ def make_plan(cfg: BenchConfig) -> dict:
     its test images (`_eval_images`; a third of a CE train step per batch: backward costs about two
     forwards). Both epoch counts are scaled by the same factor.
     """
+    started = time.perf_counter() if started is None else started
     plan = {"budget_minutes": cfg.budget_minutes,
             "pretrain_epochs": {"requested": cfg.pretrain_epochs, "used": cfg.pretrain_epochs},
             "finetune_epochs": {"requested": cfg.finetune_epochs, "used": cfg.finetune_epochs}}
@@ -495,7 +499,7 @@ def make_plan(cfg: BenchConfig) -> dict:
     evaluation = setup["ce"] + _eval_images(cfg) / cfg.batch_size * speed["ce"]["step_seconds"] / 3
     # per seed: pretraining (no evaluation), the evaluation-only ce cell, each trained cell
     per_seed = (0.0 if cfg.init_checkpoint else setup["ce"]) + len(cfg.methods) * evaluation
-    spent = time.perf_counter() - STARTED  # the command so far: imports, reading the sets, this timing
+    spent = time.perf_counter() - started  # the command (or run_bench call) so far: e.g. imports, this timing
     overhead = spent + cfg.seeds * (per_seed + sum(setup[m] for m in trained))
     train = cfg.seeds * (pre + fine)
     budget = cfg.budget_minutes * 60.0
@@ -521,7 +525,7 @@ def _eval_images(cfg: BenchConfig) -> int:
     return count
 
 
-def _load_or_make_plan(cfg: BenchConfig) -> dict:
+def _load_or_make_plan(cfg: BenchConfig, started: float | None = None) -> dict:
     path = os.path.join(cfg.output, "plan.json")
     if os.path.exists(path):
         plan = read_json(path, "bench plan")
@@ -533,7 +537,7 @@ def _load_or_make_plan(cfg: BenchConfig) -> dict:
                               f"{plan}); use a new --output or the same --pretrain_epochs/--finetune_epochs/"
                               "--budget_minutes")
         return plan
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, started)
     os.makedirs(cfg.output, exist_ok=True)
     write_text_atomic(path, json.dumps(plan, indent=2) + "\n")
     return plan
@@ -1036,18 +1040,23 @@ def write_plots(cfg: BenchConfig, rows: list[str]) -> list[str]:
 # The bench
 
 
-def run_bench(cfg: BenchConfig) -> dict:
+def run_bench(cfg: BenchConfig, started: float | None = None) -> dict:
     """Runs (or resumes) every (method, seed) cell and writes the reports; returns results.json's content.
+
+    `started`: the `time.perf_counter()` value `budget_minutes` counts from (default: this call; the CLI
+    gives its command's start). A module-level clock would count a notebook's or a sweep script's earlier
+    work (e.g. a previous bench) against the budget.
 
     Example:
         report = run_bench(BenchConfig(id_data="d/id", aux_data="d/aux", ood={"o": "d/ood"}, output="out"))
         print(report["summary"]["greg"]["fpr95/average"])
     """
+    started = time.perf_counter() if started is None else started
     validate(cfg)
     with removed_if_left_empty(cfg.output):
         lock = lock_output(cfg)
         try:
-            return _run_cells(cfg)
+            return _run_cells(cfg, started)
         finally:
             lock.release()
 
@@ -1061,9 +1070,9 @@ def lock_output(cfg: BenchConfig) -> WriteLock:
                             "another --output. Two benches in one --output would train the same runs at once")
 
 
-def _run_cells(cfg: BenchConfig) -> dict:
+def _run_cells(cfg: BenchConfig, started: float) -> dict:
     """`run_bench` with `cfg.output` locked."""
-    plan = _load_or_make_plan(cfg)
+    plan = _load_or_make_plan(cfg, started)
     if plan["budget_minutes"] is not None:
         print(budget_note(plan), file=sys.stderr, flush=True)
     sources = ood_sources(cfg)
@@ -1175,7 +1184,7 @@ def run_from_flags(values) -> dict:
         print(speed_markdown(speed))
         print(f"wrote {os.path.join(cfg.output, 'speed.md')} and speed.json", file=sys.stderr)
         return speed
-    report = run_bench(cfg)
+    report = run_bench(cfg, started=STARTED)
     print(markdown(report))
     print(f"wrote {cfg.output}/results.md, results.json, plots/", file=sys.stderr)
     return report
