@@ -72,6 +72,15 @@ class MethodConfig:
     def uses_aux(self) -> bool:
         return self.score_loss != "none" or self.grad_weight > 0 or self.sampler != "random"
 
+    def aux_batch_size(self, batch_size: int) -> int:
+        """Auxiliary images per step for ID batch `batch_size`: the GReg+ candidate pool, else the random batch."""
+        if self.sampler == "energy_cluster":
+            if self.pool_factor == "auto":
+                raise ConfigError("pool_factor='auto' needs the data sets' sizes: resolve it first "
+                                  "(kood.methods.resolve_pool_factor)")
+            return int(round(self.pool_factor * batch_size))
+        return max(1, int(round(self.aux_batch_factor * batch_size)))
+
     def used(self) -> dict:
         """The settings this configuration acts on (for display): e.g. no sampler settings for random sampling."""
         unused = set()

@@ -519,7 +519,14 @@ def run_training(cfg: RunConfig) -> dict:
                                 f"{manifest.shape}; convert them to the same "
                                 f"{_conversion_hint(other[1].shape, manifest.shape)}")
     if "aux_data" in inputs:
-        mcfg = resolve_pool_factor(mcfg, inputs["aux_data"][1].count("train"), manifest.count("train"))
+        num_aux = inputs["aux_data"][1].count("train")
+        mcfg = resolve_pool_factor(mcfg, num_aux, manifest.count("train"))
+        if mcfg.aux_batch_size(cfg.batch_size) > num_aux:  # a batch would repeat images (and a huge one hangs)
+            what = ("GReg+ candidate pool (--pool_factor x --batch_size)" if mcfg.sampler == "energy_cluster"
+                    else "auxiliary batch (--aux_batch_factor x --batch_size)")
+            raise ConfigError(f"The {what} is {mcfg.aux_batch_size(cfg.batch_size)} images, more than the "
+                              f"{num_aux} train images of --aux_data={cfg.aux_data}; lower it or use a larger "
+                              f"auxiliary set")
     syn = inputs.get("syn_data", (None, None))[1]
     if syn is not None and syn.class_names != manifest.class_names and data.unnamed_classes(syn) and cfg.verbose:
         print(f"note: --syn_data={cfg.syn_data} has unnamed classes ('0'..'{syn.num_classes - 1}'): its label i is "

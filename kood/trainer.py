@@ -99,9 +99,7 @@ class OODTrainer(keras.Model):
 
     def aux_batch_size(self, batch_size: int) -> int:
         """Auxiliary images per step the data pipeline must provide."""
-        if self.config.sampler == "energy_cluster":
-            return int(round(self.config.pool_factor * batch_size))
-        return max(1, int(round(self.config.aux_batch_factor * batch_size)))
+        return self.config.aux_batch_size(batch_size)
 
     def select_outliers(self, pool: tf.Tensor, num_id: int, replica: tuple | None = None) -> tf.Tensor:
         """GReg+ sampling: indices of 2 x B_id candidates chosen by energy-based clustering.
@@ -313,6 +311,10 @@ def check_trainable_classifier(model) -> None:
                           "and of the GReg penalty's inner gradient, which the train step does not do. Build the "
                           "model under keras.mixed_precision.set_global_policy('mixed_bfloat16') (or float32). "
                           f"Received: layers computing in float16: {float16[:3]}{' ...' if len(float16) > 3 else ''}")
+    if len(model.outputs) != 1 or model.outputs[0] is not outputs["classifier"]:
+        bad("The 'classifier' layer's logits must be the model's (single) output: the train step and the "
+            "detectors use them, so a layer after it (e.g. a Softmax) would make model(x) differ from what is "
+            "trained", f"{len(model.outputs)} model output(s), the last layer {model.layers[-1].name!r}")
     activation = getattr(layers["classifier"], "activation", None)
     if activation is not None and getattr(activation, "__name__", "linear") != "linear":
         bad("The 'classifier' layer must output logits (the energy score and the cross-entropy take logits)",

@@ -338,3 +338,11 @@ def test_losses_take_numpy_images_and_refuse_a_non_positive_temperature():
     assert res["grad_norms"].shape == (4,)
     with pytest.raises(ConfigError, match="temperature must be > 0. Received: temperature=0.0"):
         losses.energy_score(tf.zeros((2, 3)), 0.0)
+
+
+def test_the_pure_energy_and_softmax_refuse_a_non_positive_temperature():
+    for t in (0, -1.0):
+        with pytest.raises(ConfigError, match=r"energy: `temperature` must be a number > 0"):
+            energy_score(LOGITS, t)
+        with pytest.raises(ConfigError, match=r"softmax: `temperature` must be a number > 0"):
+            temp_scale_score(LOGITS, t)

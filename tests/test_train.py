@@ -957,3 +957,17 @@ def test_a_second_training_in_a_running_runs_model_dir_is_refused(digit_sets, tm
     with pytest.raises(ConfigError):  # a run refused before any work leaves no empty --model_dir
         run_lib.run_training(_config(digit_sets, str(model_dir), lr_milestones=(1,)))
     assert not model_dir.exists()
+
+
+def test_an_auxiliary_batch_larger_than_the_auxiliary_set_is_refused_before_any_work(digit_sets, tmp_path):
+    n_aux = run_lib.read_manifest(digit_sets["aux"]).count("train")
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="greg_plus",
+                  method_overrides={"cluster_k": 4, "pool_factor": 1e9})  # e.g. a typo: the batch would hang
+    with pytest.raises(ConfigError, match=rf"The GReg\+ candidate pool \(--pool_factor x --batch_size\) is "
+                                          rf"16000000000 images, more than the {n_aux} train images of --aux_data"):
+        run_lib.run_training(cfg)
+    cfg = _config(digit_sets, str(tmp_path / "run"), method="energy",
+                  method_overrides={"aux_batch_factor": n_aux / 16 + 1})
+    with pytest.raises(ConfigError, match=r"The auxiliary batch \(--aux_batch_factor x --batch_size\)"):
+        run_lib.run_training(cfg)
+    assert not (tmp_path / "run").exists()

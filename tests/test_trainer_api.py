@@ -33,6 +33,11 @@ class _Subclassed(keras.Model):
         return self.classifier(self.features(self.normalize(x)))
 
 
+def _with_softmax_after_the_classifier():
+    model = _own_model()
+    return keras.Model(model.inputs, keras.layers.Softmax()(model.outputs[0]))
+
+
 def test_a_users_functional_model_with_the_named_layers_trains():
     model = _own_model()
     trainer = OODTrainer(model, method_config("greg"))
@@ -50,6 +55,7 @@ def test_a_users_functional_model_with_the_named_layers_trains():
     (lambda: _own_model(features_flat=False), "must output a [B, D] vector"),
     (lambda: _own_model(head_activation="softmax"), "must output logits"),
     (lambda: _Subclassed(), "subclassed keras.Model"),
+    (lambda: _with_softmax_after_the_classifier(), "logits must be the model's (single) output"),
 ])
 def test_a_model_the_trainer_cannot_train_is_a_config_error_saying_what_to_change(make, message):
     with pytest.raises(ConfigError) as e:

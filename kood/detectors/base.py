@@ -29,11 +29,13 @@ from kood.progress import Progress
 
 def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Energy score -T * logsumexp(logits / T) per row (higher = more OOD)."""
+    check_positive("energy", "temperature", temperature)
     return -temperature * logsumexp(np.asarray(logits, np.float64) / temperature, axis=1)
 
 
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise softmax(logits / T) in float64."""
+    check_positive("softmax", "temperature", temperature)
     return softmax(np.asarray(logits, np.float64) / temperature, axis=1)
 
 
