@@ -57,7 +57,7 @@ from kood.methods import METHODS, method_config, resolve_pool_factor
 from kood.models import PRECISIONS, build_classifier, load_classifier
 from kood.progress import Progress
 from kood.run import RunConfig
-from kood.writer import WriteLock, removed_if_left_empty
+from kood.writer import locked_output
 
 SIO_SUFFIX = "+sio"
 CE_ROW = "ce+energy-score"
@@ -446,14 +446,10 @@ def speed_markdown(speed: dict) -> str:
 def run_speed(cfg: BenchConfig, steps: int = 20, reps: int = 5, pipeline_batches: int = 100) -> dict:
     """`--speed`: measures and writes OUTPUT/speed.json and speed.md."""
     validate(cfg)
-    with removed_if_left_empty(cfg.output):
-        lock = lock_output(cfg)
-        try:
-            speed = measure_speed(cfg, cfg.methods, steps, reps, pipeline_batches)
-            write_text_atomic(os.path.join(cfg.output, "speed.md"), speed_markdown(speed))
-            write_text_atomic(os.path.join(cfg.output, "speed.json"), json_text(speed))
-        finally:
-            lock.release()
+    with lock_output(cfg):
+        speed = measure_speed(cfg, cfg.methods, steps, reps, pipeline_batches)
+        write_text_atomic(os.path.join(cfg.output, "speed.md"), speed_markdown(speed))
+        write_text_atomic(os.path.join(cfg.output, "speed.json"), json_text(speed))
     return speed
 
 
@@ -1053,21 +1049,16 @@ def run_bench(cfg: BenchConfig, started: float | None = None) -> dict:
     """
     started = time.perf_counter() if started is None else started
     validate(cfg)
-    with removed_if_left_empty(cfg.output):
-        lock = lock_output(cfg)
-        try:
-            return _run_cells(cfg, started)
-        finally:
-            lock.release()
+    with lock_output(cfg):
+        return _run_cells(cfg, started)
 
 
-def lock_output(cfg: BenchConfig) -> WriteLock:
-    """Refuses a second bench into `cfg.output` (both would train and report the same runs at once)."""
-    check_output_dir(cfg.output)
-    os.makedirs(cfg.output, exist_ok=True)
-    return WriteLock(cfg.output, activity="running a bench into this --output",
-                     advice="wait for it or stop it (rerunning the same command then resumes the bench), or use "
-                            "another --output. Two benches in one --output would train the same runs at once")
+def lock_output(cfg: BenchConfig):
+    """Holds `cfg.output` for the block: a second bench into it (both would train and report the same runs at
+    once) is refused."""
+    return locked_output(cfg.output, "--output", activity="running a bench into this --output",
+                         advice="wait for it or stop it (rerunning the same command then resumes the bench), or "
+                                "use another --output. Two benches in one --output would train the same runs at once")
 
 
 def _run_cells(cfg: BenchConfig, started: float) -> dict:

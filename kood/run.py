@@ -32,7 +32,7 @@ from kood.models import (ARCHITECTURES, PRECISIONS, build_classifier, classifier
 from kood.rundir import resolve_model
 from kood.summaries import NanGuard, RunProgbar, TensorBoardLogger
 from kood.trainer import OODTrainer
-from kood.writer import WriteLock, removed_if_left_empty
+from kood.writer import locked_output
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "multistep", "constant")
@@ -568,31 +568,21 @@ def run_training(cfg: RunConfig) -> dict:
         print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replica(s) of global batch "
               f"{cfg.batch_size}; worker {role.task_id} of {role.num_workers}"
               f"{' (chief)' if role.is_chief else ' (writes to a temporary directory)'}", file=sys.stderr)
-    with removed_if_left_empty(cfg.model_dir):
-        lock = _lock_run_dir(cfg.model_dir) if role.is_chief else None
+    # A second training in the run's directory would overwrite this one's checkpoints and logs.
+    locked = locked_output(cfg.model_dir, "--model_dir", activity="training the run in this --model_dir",
+                           advice="wait for it or stop it (rerunning the same command then resumes the run), or "
+                                  "use another --model_dir. Two trainings in one run directory would overwrite "
+                                  "each other's checkpoints")
+    with locked if role.is_chief else contextlib.nullcontext():
+        _check_model_dir(cfg, {flag: fingerprint(m) for flag, (_, m) in inputs.items()}, write=role.is_chief)
+        out_dir = cfg.model_dir if role.is_chief else tempfile.mkdtemp(prefix=f"kood-worker{role.task_id}-")
         try:
-            _check_model_dir(cfg, {flag: fingerprint(m) for flag, (_, m) in inputs.items()}, write=role.is_chief)
-            out_dir = cfg.model_dir if role.is_chief else tempfile.mkdtemp(prefix=f"kood-worker{role.task_id}-")
-            try:
-                results = _train_and_evaluate(cfg, mcfg, manifest, strategy, out_dir, role.num_workers)
-                results["chief"] = role.is_chief  # only the chief's results are the run's (docs/distributed.md)
-            finally:
-                if not role.is_chief:
-                    shutil.rmtree(out_dir, ignore_errors=True)
+            results = _train_and_evaluate(cfg, mcfg, manifest, strategy, out_dir, role.num_workers)
+            results["chief"] = role.is_chief  # only the chief's results are the run's (docs/distributed.md)
         finally:
-            if lock is not None:
-                lock.release()
+            if not role.is_chief:
+                shutil.rmtree(out_dir, ignore_errors=True)
     return results
-
-
-def _lock_run_dir(model_dir: str) -> WriteLock:
-    """Refuses a second training in `model_dir` (two would overwrite each other's checkpoints and logs)."""
-    check_output_dir(model_dir, "--model_dir")
-    os.makedirs(model_dir, exist_ok=True)
-    return WriteLock(model_dir, activity="training the run in this --model_dir",
-                     advice="wait for it or stop it (rerunning the same command then resumes the run), or use "
-                            "another --model_dir. Two trainings in one run directory would overwrite each "
-                            "other's checkpoints")
 
 
 def _train_and_evaluate(cfg: RunConfig, mcfg: MethodConfig, manifest, strategy: tf.distribute.Strategy,

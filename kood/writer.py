@@ -22,8 +22,8 @@ import hashlib
 import os
 import re
 import shlex
-import socket
 import shutil
+import socket
 import sys
 import weakref
 from typing import Iterable, Iterator
@@ -151,9 +151,9 @@ def _refuse_running_tasks(directory: str) -> None:
             except DataError:
                 with open(os.path.join(part, LOCK_FILE)) as f:
                     owner = f.read().strip() or "another process"
-                raise DataError(f"{directory}: a task of a fanned-out conversion ({owner}) is writing into {part}; "
-                                f"wait for the tasks and merge them (data_prep.merge), or write to another --out")\
-                    from None
+                message = (f"{directory}: a task of a fanned-out conversion ({owner}) is writing into {part}; wait "
+                           f"for the tasks and merge them (data_prep.merge), or write to another --out")
+                raise DataError(message) from None
 
 
 def sha256_file(path: str) -> str:
@@ -226,6 +226,24 @@ def claim_directory(directory: str, overwrite: bool) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(directory, MANIFEST))
     os.makedirs(directory, exist_ok=True)
+
+
+@contextlib.contextmanager
+def locked_output(directory: str, flag: str, activity: str, advice: str) -> Iterator[None]:
+    """Holds the `WriteLock` of output directory `directory` (created if needed) for the block.
+
+    kood.train and kood.bench write their runs under it: a second one into the same directory is a
+    DataError before anything is changed (`activity` and `advice` word it; `flag` names the directory's
+    flag when it is a file). A directory the block created and left empty is removed on failure.
+    """
+    check_output_dir(directory, flag)
+    with removed_if_left_empty(directory):
+        os.makedirs(directory, exist_ok=True)
+        lock = WriteLock(directory, activity, advice)
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 @contextlib.contextmanager
