@@ -28,7 +28,7 @@ from kood.progress import Progress
 from kood.records import ENCODINGS, UNLABELLED
 from kood.sources import Source, SplitSource, open_source
 from kood.writer import (DEFAULT_ENCODING, DatasetWriter, WriteLock, check_out_dir, class_names_for, command_line,
-                         remove_abandoned, removed_if_left_empty, write_shard)
+                         locked_output, remove_abandoned, write_shard)
 
 RESIZE_MODES = ("resize", "center_crop")
 UNLABELLED_KINDS = ("outlier", "ood")
@@ -322,15 +322,9 @@ def convert_and_pseudo_label(source: str, out_dir: str, model_path: str, *, min_
     model = load_model(model_path)  # before the conversion: a bad model or image size fails fast
     size, channels = convert_kwargs.get("image_size"), convert_kwargs.get("channels")
     _check_model_input(model, (size, size, channels), source, model_path, size, channels)
-    with removed_if_left_empty(out_dir):
-        os.makedirs(out_dir, exist_ok=True)
-        out_lock = WriteLock(out_dir)  # before the conversion's work: a busy --out is refused up front
-        try:
-            manifest = _convert_and_label(source, out_dir, model_path, model, min_confidence, batch_size,
-                                          overwrite, command, size, channels, convert_kwargs)
-        finally:
-            out_lock.release()
-    return manifest
+    with locked_output(out_dir, "--out"):  # before the conversion's work: a busy --out is refused up front
+        return _convert_and_label(source, out_dir, model_path, model, min_confidence, batch_size, overwrite,
+                                  command, size, channels, convert_kwargs)
 
 
 def _convert_and_label(source, out_dir, model_path, model, min_confidence, batch_size, overwrite, command, size,

@@ -229,17 +229,18 @@ def claim_directory(directory: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def locked_output(directory: str, flag: str, activity: str, advice: str) -> Iterator[None]:
+def locked_output(directory: str, flag: str, **wording) -> Iterator[None]:
     """Holds the `WriteLock` of output directory `directory` (created if needed) for the block.
 
-    kood.train and kood.bench write their runs under it: a second one into the same directory is a
-    DataError before anything is changed (`activity` and `advice` word it; `flag` names the directory's
-    flag when it is a file). A directory the block created and left empty is removed on failure.
+    kood.train, kood.bench and pseudo-labelling write under it: a second writer into the same directory
+    is a DataError before anything is changed (`wording`: `WriteLock`'s `activity` and `advice`; `flag`
+    names the directory's flag when it is a file). A directory the block created and left empty is
+    removed on failure.
     """
     check_output_dir(directory, flag)
     with removed_if_left_empty(directory):
         os.makedirs(directory, exist_ok=True)
-        lock = WriteLock(directory, activity, advice)
+        lock = WriteLock(directory, **wording)
         try:
             yield
         finally:
