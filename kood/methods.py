@@ -21,6 +21,11 @@ GRAD_SPACES = ("normalized", "pixel")
 POOL_DTYPES = ("float32", "bfloat16", "float16")
 
 
+UNRESOLVED_AUTO = ("pool_factor='auto' is methods.md's rule N_aux / N_id, which needs the data sets' sizes: give "
+                   "the trainer kood.methods.resolve_pool_factor(config, num_aux, num_id) (kood.train and "
+                   "kood.bench do)")
+
+
 @dataclasses.dataclass
 class MethodConfig:
     """Loss and sampling hyperparameters of one training method (see docs/methods.md).
@@ -76,8 +81,7 @@ class MethodConfig:
         """Auxiliary images per step for ID batch `batch_size`: the GReg+ candidate pool, else the random batch."""
         if self.sampler == "energy_cluster":
             if self.pool_factor == "auto":
-                raise ConfigError("pool_factor='auto' needs the data sets' sizes: resolve it first "
-                                  "(kood.methods.resolve_pool_factor)")
+                raise ConfigError(UNRESOLVED_AUTO)
             return int(round(self.pool_factor * batch_size))
         return max(1, int(round(self.aux_batch_factor * batch_size)))
 

@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from kood import losses, sampling
 from kood.errors import ConfigError
-from kood.methods import MethodConfig
+from kood.methods import UNRESOLVED_AUTO, MethodConfig
 from kood.models import REQUIRED_LAYERS, model_precision, normalized_model
 from kood.models.layers import compute_dtype
 
@@ -57,10 +57,8 @@ class OODTrainer(keras.Model):
         super().__init__(**kwargs)
         check_trainable_classifier(classifier)
         config.validate()
-        if config.pool_factor == "auto":
-            raise ConfigError("pool_factor='auto' is methods.md's rule N_aux / N_id, which needs the data sets' "
-                              "sizes: give the trainer kood.methods.resolve_pool_factor(config, num_aux, num_id) "
-                              "(kood.train and kood.bench do)")
+        if config.pool_factor == "auto":  # refused here, not at the first batch
+            raise ConfigError(UNRESOLVED_AUTO)
         self.classifier = classifier
         self.config = config
         self.seed = int(seed)
