@@ -89,20 +89,20 @@ def report(manifest, out: str) -> None:
           f"num_classes={manifest.num_classes} encoding={manifest.encoding} {splits}")
 
 
-def written_before(out: str, command: str) -> bool:
+def written_before(out: str) -> bool:
     """True, after saying so and printing what it holds, if `out` holds the complete dataset that this
     same command wrote: a rerun after a kill that came after the manifest (e.g. a scheduler's retry)
     succeeds without redoing the work. `--overwrite` converts again."""
     from kood.errors import DataError
     from kood.manifest import MANIFEST, read_manifest
 
-    if not os.path.isfile(os.path.join(out, MANIFEST)):
+    if FLAGS.overwrite or not os.path.isfile(os.path.join(out, MANIFEST)):
         return False
     try:
         manifest = read_manifest(out)
     except DataError:
         return False  # the conversion reports the damaged manifest
-    if manifest.command != command:
+    if manifest.command != command_line():
         return False
     print(f"note: {out} already holds the dataset this command writes (its manifest.json records the same "
           f"command); nothing to do (--overwrite converts again)", file=sys.stderr)
@@ -139,7 +139,7 @@ def convert_main(argv) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS.overwrite and written_before(FLAGS.out, command_line()):
+    if written_before(FLAGS.out):
         return
     with cli_errors(FLAGS.out):
         manifest = convert(FLAGS.source, FLAGS.out, **conversion_kwargs())

@@ -34,7 +34,7 @@ def main(argv):
 
     from kood.synthesize import synthesize
 
-    if not FLAGS.overwrite and written_before(FLAGS.out, command_line()):
+    if written_before(FLAGS.out):
         return
     with cli_errors(FLAGS.out):
         manifest = synthesize(FLAGS.real, FLAGS.out, FLAGS.num_images, model=FLAGS.model,

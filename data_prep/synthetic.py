@@ -9,7 +9,7 @@ from absl import app, flags
 from kood.errors import run_app
 
 from data_prep import _common
-from data_prep._common import (FLAGS, cli_errors, command_line, conversion_kwargs, define_conversion_flags, report,
+from data_prep._common import (FLAGS, cli_errors, conversion_kwargs, define_conversion_flags, report,
                                written_before)
 
 define_conversion_flags("synthetic", ["synthetic"])
@@ -28,7 +28,7 @@ def main(argv):
     from kood.convert import convert, convert_and_pseudo_label
     from kood.errors import ConfigError
 
-    if not FLAGS.overwrite and written_before(FLAGS.out, command_line()):
+    if written_before(FLAGS.out):
         return
     with cli_errors(FLAGS.out):
         if FLAGS.pseudo_label_model:

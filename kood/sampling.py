@@ -31,9 +31,11 @@ def _as_seed(seed) -> tf.Tensor:
     return seed
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+    """`value` as an int if it is one (Python or numpy) >= `minimum`, else a ConfigError naming `name`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"`{name}` must be {what}. Received: {name}={value!r}")
     return int(value)
 
 
@@ -90,9 +92,7 @@ def kmeans(x: tf.Tensor, k: int, iters: int = 10, seed=0):
         assign, centers = kmeans(tf.random.normal([384, 128]), 64, seed=tf.constant([0, step]))
     """
     k = _check_positive_int("k", k)
-    if isinstance(iters, (bool, np.bool_)) or not isinstance(iters, (int, np.integer)) or iters < 0:
-        raise ConfigError(f"`iters` must be an integer >= 0. Received: iters={iters!r}")
-    iters = int(iters)
+    iters = _check_positive_int("iters", iters, minimum=0)
     x = tf.convert_to_tensor(x)
     if x.dtype != tf.float64:  # float64 (numpy's default) stays; integers and 16-bit floats compute in float32
         x = tf.cast(x, tf.float32)
