@@ -56,7 +56,7 @@ from kood.manifest import ID_KINDS, read_manifest, same_dataset
 from kood.metrics import threshold_at_tpr
 from kood.progress import Progress
 from kood.rundir import CHECKPOINTS, resolve_model, run_finished, run_id_data, run_temperature
-from kood.writer import WriteLock, remove_abandoned
+from kood.writer import WriteLock, abandoned, remove_abandoned
 
 FORMAT = "kood-export/1"
 DETECTOR_JSON = "detector.json"
@@ -220,13 +220,38 @@ def _check_out(out: str, overwrite: bool) -> None:
 def _publish(tmp: str, out: str, overwrite: bool) -> None:
     """Renames the finished `tmp` dir to `out` (replacing an earlier export if `overwrite`)."""
     _check_out(out, overwrite)  # again: --out may have appeared while we worked
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(tmp))
+    if not os.path.exists(out):
+        os.replace(tmp, out)
+        return
+    old = tempfile.mkdtemp(prefix=_replaced_prefix(out), dir=os.path.dirname(tmp))
+    lock = WriteLock(old)  # in use: a kill before the rmtree leaves it to the next export (_recover_replaced)
+    try:
         os.replace(out, os.path.join(old, "export"))
-    os.replace(tmp, out)
-    if old:
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(os.path.join(old, "export"), out)
+            raise
         shutil.rmtree(old)
+    finally:
+        lock.release()
+
+
+def _replaced_prefix(out: str) -> str:
+    return f".{os.path.basename(os.path.abspath(out))}.old-"
+
+
+def _recover_replaced(out: str) -> None:
+    """An export killed inside `_publish` leaves the export it was replacing in a hidden `.OUT.old-*` dir: it
+    goes back to `out` if the new one never got there, else it is removed."""
+    for path in abandoned(os.path.dirname(os.path.abspath(out)), _replaced_prefix(out)):
+        previous = os.path.join(path, "export")
+        if not os.path.exists(out) and os.path.isfile(os.path.join(previous, DETECTOR_JSON)):
+            print(f"note: restoring {out} from {path}: an export replacing it was interrupted", file=sys.stderr)
+            os.replace(previous, out)
+        else:
+            print(f"note: removing {path}, an export replaced by an interrupted run", file=sys.stderr)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _calibration_split(manifest, id_data: str, calib_split: str) -> str:
@@ -274,6 +299,8 @@ def export_detector(model_path: str, out: str, *, id_data: str | None = None, ca
         raise ConfigError(_not_exportable(detector))
     if detector_params is not None and not isinstance(detector_params, Mapping):
         raise ConfigError(f"--detector_params must be a JSON object. Received: {detector_params!r}")
+    if os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        _recover_replaced(out)
     _check_out(out, overwrite)
 
     from kood.models import load_classifier

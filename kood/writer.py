@@ -124,20 +124,28 @@ def _acquire(path: str, directory: str, activity: str, advice: str):
         f.close()
 
 
-def remove_abandoned(parent: str, prefix: str, keep: str, what: str) -> None:
-    """Removes directories `parent/PREFIX*` other than `keep` that no process holds (`WriteLock`): the
-    temporary directories of killed runs. `what` names them in the note (e.g. "a temporary set")."""
+def abandoned(parent: str, prefix: str, keep: str | None = None) -> Iterator[str]:
+    """Yields the directories `parent/PREFIX*` other than `keep` that no process holds (`WriteLock`): the
+    temporary directories of killed runs. Each is locked by this process while the caller deals with it."""
     for name in sorted(os.listdir(parent)):
         path = os.path.join(parent, name)
-        if not name.startswith(prefix) or not os.path.isdir(path) or os.path.samefile(path, keep):
+        if not name.startswith(prefix) or not os.path.isdir(path) or (keep and os.path.samefile(path, keep)):
             continue
         try:
             lock = WriteLock(path)
         except DataError:
             continue  # another run's, in use
+        try:
+            yield path
+        finally:
+            lock.release()
+
+
+def remove_abandoned(parent: str, prefix: str, keep: str, what: str) -> None:
+    """Removes the `abandoned` directories `parent/PREFIX*`; `what` names them in the note (e.g. "a temporary set")."""
+    for path in abandoned(parent, prefix, keep):
         print(f"note: removing {path}, {what} left by an interrupted run", file=sys.stderr)
         shutil.rmtree(path, ignore_errors=True)
-        lock.release()
 
 
 def _refuse_running_tasks(directory: str) -> None:

@@ -411,6 +411,25 @@ def test_cli_exports_a_real_training_run(tmp_path):
     assert f"accepts {expected_accepted(n, 0.95)}/{n}" in proc.stdout
 
 
+def test_an_export_killed_while_replacing_another_loses_neither(run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "export"
+    export_detector(run["run"], str(out), detector="max_logit")
+    # killed between moving the old export aside and moving the new one in: --out is gone
+    shutil.move(str(out), str(tmp_path / ".export.old-0badc0de" / "export"))
+    with pytest.raises(ConfigError, match="already exists; pass --overwrite"):
+        export_detector(run["run"], str(out), detector="energy")
+    assert "note: restoring" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+    assert json.loads((out / "detector.json").read_text())["detector"] == "max_logit"
+    # killed after the new export was in place, before the old one was removed
+    shutil.copytree(str(out), str(tmp_path / ".export.old-1badc0de" / "export"))
+    export_detector(run["run"], str(out), detector="energy", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+    assert json.loads((out / "detector.json").read_text())["detector"] == "energy"
+
+
 def test_partial_exports_of_killed_runs_are_removed_but_not_one_in_use(run, tmp_path, capsys):
     from tests.data_helpers import held_elsewhere
 
