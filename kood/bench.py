@@ -213,7 +213,16 @@ def validate(cfg: BenchConfig) -> None:
             raise DataError(f"--init_checkpoint={cfg.init_checkpoint}: {init_checkpoint(cfg, seed)} (seed {seed}) "
                             "does not exist")
     for name in cfg.methods:  # RunConfig-level checks (aux data present, sio ratio, lr, ...)
-        run.validate(run_config(cfg, name, 0, cfg.finetune_epochs, "/nonexistent"))
+        try:
+            run.validate(run_config(cfg, name, 0, cfg.finetune_epochs, "/nonexistent"))
+        except ConfigError as e:  # kood.train's wording (--pool_factor) says nothing of where a bench sets it
+            base, _ = split_method(name)
+            given = ";".join(f"{key}:" + ",".join(f"{k}={v}" for k, v in cfg.method_flags[key].items())
+                             for key in dict.fromkeys(("*", base, name)) if cfg.method_flags.get(key))
+            if not given:
+                raise
+            raise ConfigError(f"--methods={name} with --method_flags {given} (METHOD:key=value; the message names "
+                              f"kood.train's flag for the key): {e}") from None
     run.validate(pretrain_config(cfg, 0, cfg.pretrain_epochs))
 
 

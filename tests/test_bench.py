@@ -202,8 +202,10 @@ def test_changed_settings_of_started_runs_are_refused_before_any_work(sets, tmp_
     (dict(budget_minutes=0), ConfigError, "budget_minutes"),
     (dict(ood={}), ConfigError, "--ood needs at least one"),
     (dict(method_flags={"greg_plus": {"m_in": -3.0}}), ConfigError, "not in --methods"),
-    (dict(method_flags={"*": {"m_in": -3.0, "m_out": -5.0}}), ConfigError, "m_in"),
-    (dict(method_flags={"greg": {"margin": 1}}), ConfigError, "Unknown method hyperparameters"),
+    (dict(method_flags={"*": {"m_in": -3.0, "m_out": -5.0}}), ConfigError,
+     r"with --method_flags \*:m_in=-3.0,m_out=-5.0 .*--m_in: must be below"),
+    (dict(method_flags={"greg": {"margin": 1}}), ConfigError,
+     r"--methods=greg\S* with --method_flags greg:margin=1 .*Unknown method hyperparameters"),
 ])
 def test_bad_settings_fail_before_any_work(sets, tmp_path, change, error, match):
     out = str(tmp_path / "out")
