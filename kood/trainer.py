@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 
@@ -36,10 +38,7 @@ METRIC_NAMES = ("loss", "ce_loss", "energy_loss", "oe_loss", "grad_penalty", "ac
                 "energy_id", "energy_aux", "grad_keep_id", "grad_keep_aux", "energy_active_id", "energy_active_aux")
 
 
-NOT_SAVED = ("An OODTrainer is not saved itself: save its classifier (trainer.classifier.save('model.keras')), "
-             "which holds every weight")
-
-
+@keras.saving.register_keras_serializable(package="kood")
 class OODTrainer(keras.Model):
     """Wraps a kood classifier (see `kood.models.build_classifier`) with the OOD train step.
 
@@ -50,7 +49,9 @@ class OODTrainer(keras.Model):
         seed: base seed of the in-graph sampler (combined with the step counter).
 
     Data given to `fit`: `(x_id, y_id)` batches for methods without auxiliary data,
-    else `((x_id, y_id), x_aux)`; `x_aux` holds `aux_batch_size(B)` images.
+    else `((x_id, y_id), x_aux)`; `x_aux` holds `aux_batch_size(B)` images. `trainer.save("t.keras")`
+    saves the classifier, this config, the seed and the optimizer; `keras.models.load_model("t.keras")`
+    gives the trainer back.
     """
 
     def __init__(self, classifier: keras.Model, config: MethodConfig, seed: int = 0, **kwargs):
@@ -62,8 +63,9 @@ class OODTrainer(keras.Model):
         self.classifier = classifier
         self.config = config
         self.seed = int(seed)
-        self.normalize = classifier.get_layer("normalize")
-        self.net = normalized_model(classifier)
+        # Views of the classifier's own layers, not tracked (the classifier is: summary() and saving list it once).
+        object.__setattr__(self, "normalize", classifier.get_layer("normalize"))
+        object.__setattr__(self, "net", normalized_model(classifier))
         self._compute_dtype = "bfloat16" if model_precision(classifier) == "mixed_bfloat16" else "float32"
         self.trackers = {name: keras.metrics.Mean(name=name) for name in METRIC_NAMES}
         # Per-channel factor turning a gradient w.r.t. the normalized input into one w.r.t. pixels.
@@ -84,12 +86,15 @@ class OODTrainer(keras.Model):
             with self.distribute_strategy.scope():
                 self.optimizer.build(self.classifier.trainable_variables)
 
-    # Keras would say "non-serializable argument values" (after creating the file); the classifier is the model.
-    def save(self, *args, **kwargs):
-        raise NotImplementedError(NOT_SAVED)
+    def get_config(self) -> dict:
+        return {"name": self.name, "classifier": keras.saving.serialize_keras_object(self.classifier),
+                "config": dataclasses.asdict(self.config), "seed": self.seed}
 
-    def get_config(self):
-        raise NotImplementedError(NOT_SAVED)
+    @classmethod
+    def from_config(cls, config: dict) -> "OODTrainer":
+        config = dict(config)
+        classifier = keras.saving.deserialize_keras_object(config.pop("classifier"))
+        return cls(classifier, MethodConfig(**config.pop("config")), **config)
 
     @property
     def metrics(self):

@@ -123,3 +123,22 @@ def test_a_model_computing_in_float16_is_refused():
     with pytest.raises(ConfigError, match=r"float16 would need loss scaling.*Received: layers computing in float16: "
                                           r"\['normalize'"):
         OODTrainer(model, method_config("greg"))
+
+
+def test_a_trainer_saves_and_loads_with_its_classifier_method_and_optimizer(tmp_path):
+    x = np.random.default_rng(0).uniform(0, 255, (8, 8, 8, 1)).astype("float32")
+    ds = tf.data.Dataset.from_tensors(((x, np.arange(8) % 3), x))
+    trainer = OODTrainer(_own_model(), method_config("greg", grad_weight=0.5), seed=3)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    trainer.fit(ds, verbose=0)
+    path = str(tmp_path / "trainer.keras")
+    keras.saving.save_model(trainer, path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, OODTrainer) and loaded.config == trainer.config and loaded.seed == 3
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), trainer.predict(x, verbose=0))
+    assert loaded.optimizer.iterations.numpy() == 1
+    # trainer views of the classifier's layers are not saved or listed twice
+    assert [layer.name for layer in loaded.layers] == [trainer.classifier.name]
+    assert loaded.count_params() == trainer.classifier.count_params()
+    loaded.fit(ds, verbose=0)  # and trains on
+    assert loaded.optimizer.iterations.numpy() == 2
