@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import sys
 from typing import Iterator
@@ -102,12 +103,65 @@ def written_before(out: str) -> bool:
         manifest = read_manifest(out)
     except DataError:
         return False  # the conversion reports the damaged manifest
-    if manifest.command != command_line():
+    changed = _changed_since(manifest.created)
+    if changed:
+        print(f"note: {out} was written by this command, but {changed} changed after that ({manifest.created}); "
+              f"converting again needs --overwrite", file=sys.stderr)
         return False
-    print(f"note: {out} already holds the dataset this command writes (its manifest.json records the same "
-          f"command); nothing to do (--overwrite converts again)", file=sys.stderr)
+    if manifest.command == command_line():
+        print(f"note: {out} already holds the dataset this command writes (its manifest.json records the same "
+              f"command); nothing to do (--overwrite converts again)", file=sys.stderr)
+    elif _merged_task(manifest):
+        print(f"note: {out} already holds the dataset this task is part of (merged from "
+              f"{manifest.extra['fanout']['num_tasks']} tasks of the same command); nothing to do (--overwrite on "
+              f"every task, then data_prep.merge, converts again)", file=sys.stderr)
+    else:
+        return False
     report(manifest, out)
     return True
+
+
+def _changed_since(created: str) -> str | None:
+    """The first input path (--source, --real, --pseudo_label_model; files and everything in directories)
+    modified after the ISO time `created`, or None."""
+    import datetime
+
+    try:
+        since = datetime.datetime.fromisoformat(created).timestamp()
+    except ValueError:
+        return "the source (the manifest records no valid 'created' time)"
+    paths = []
+    for name in ("source", "real", "pseudo_label_model"):
+        value = getattr(FLAGS, name, None)
+        if value and name == "source":
+            form, _, value = value.partition(":")
+            value = None if form == "tfds" else value
+        if value:
+            paths.append(os.path.expanduser(value))
+    for path in paths:
+        for p in _path_and_below(path):
+            with contextlib.suppress(OSError):
+                if os.stat(p).st_mtime > since:
+                    return p
+    return None
+
+
+def _path_and_below(path: str) -> Iterator[str]:
+    yield path
+    for root, dirs, files in os.walk(path):  # nothing for a file
+        yield from (os.path.join(root, name) for name in dirs + files)
+
+
+def _merged_task(manifest) -> bool:
+    """True if this command is one task of the fanned-out conversion that was merged into `manifest`."""
+    fanout = manifest.extra.get("fanout")
+    num_tasks = getattr(FLAGS, "num_tasks", 1)  # only the converting CLIs fan out
+    return (bool(fanout) and num_tasks > 1 and fanout.get("num_tasks") == num_tasks
+            and _without_task_index(manifest.command) == _without_task_index(command_line()))
+
+
+def _without_task_index(command: str) -> str:
+    return re.sub(r" --task_index(=| )\S+", "", command)
 
 
 @contextlib.contextmanager

@@ -401,3 +401,9 @@ def test_rerunning_a_conversion_that_completed_does_nothing_and_succeeds(tmp_pat
     assert os.stat(out / "manifest.json").st_mtime_ns == stamp  # nothing rewritten
     other = run("--num_shards=2")  # another command into the complete set: still refused
     assert other.returncode == 2 and "already holds a complete dataset; pass --overwrite" in other.stderr
+    # the same command after the source changed: not "nothing to do" (it would keep the old images)
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    changed = run()
+    assert changed.returncode == 2 and f"but {path} changed after that" in changed.stderr
+    assert "already holds a complete dataset; pass --overwrite" in changed.stderr
+    assert os.stat(out / "manifest.json").st_mtime_ns == stamp

@@ -104,6 +104,14 @@ def test_cli_task_then_merge_main(tmp_path, source, capsys):
     assert manifest.command.startswith("python -m data_prep.real --source=npz:")  # task 0's
     assert manifest.command.endswith("--task_index=0 --num_tasks=2")
     assert verify_dataset(str(out), show_progress=False).ok
+    # a scheduler's retry of a task after the merge: nothing to do (it asked for --overwrite, which would
+    # have removed the merged set's manifest to write one task's part)
+    before = (out / "manifest.json").read_bytes()
+    r = _cli("data_prep.real", f"--source={source}", f"--out={out}", "--limit=30", "--seed=1", "--num_shards=5",
+             "--task_index=1", "--num_tasks=2")
+    assert r.returncode == 0, r.stderr
+    assert "already holds the dataset this task is part of (merged from 2 tasks" in r.stderr
+    assert (out / "manifest.json").read_bytes() == before and not (out / "tasks").exists()
 
 
 def test_missing_and_unfinished_tasks_are_named(tmp_path, source):

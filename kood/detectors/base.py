@@ -197,7 +197,3 @@ class Detector:
     def score_outputs(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
         """OOD scores from precomputed {"logits", "features"}."""
         raise NotImplementedError(f"{type(self).__name__} scores images only; call score(images)")
-
-    def classifier_logits(self, features: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
-        """Logits recomputed through the classifier Dense from (modified) features."""
-        return np.asarray(features, np.float64) @ (self.weight if weight is None else weight) + self.bias
