@@ -400,7 +400,8 @@ def define_flags() -> None:
     flags.DEFINE_string("id_data", None, "ID dataset directory; its --id_split is the ID test set. Default: the "
                         "run's id_data (its config.json).")
     flags.DEFINE_string("ood", None, "Required. OOD sets as NAME=DIR[,NAME=DIR...], e.g. "
-                        "svhn=data/svhn,textures=data/dtd.")
+                        "svhn=data/svhn,textures=data/dtd. --ood_data is the same flag (kood.train's name for it): "
+                        "given both, the last one wins, as for any repeated flag.")
     flags.DEFINE_alias("ood_data", "ood")  # kood.train's name for the same thing
     flags.DEFINE_string("detectors", "energy,msp", f"Comma-separated detectors. Known: {','.join(DETECTORS)}.")
     flags.DEFINE_string("output", None, "Required. Output directory for results.{json,csv,md} and tensorboard/ "

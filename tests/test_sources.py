@@ -286,8 +286,8 @@ def test_a_stray_folder_next_to_split_folders_is_the_one_the_error_names(tmp_pat
     dh.make_image_folder(tmp_path / "imgs" / "train", {"cat": 2, "dog": 2})
     dh.make_image_folder(tmp_path / "imgs" / "test", {"cat": 1, "dog": 1})
     dh.make_image_folder(tmp_path / "imgs" / "unsorted", 3)
-    with pytest.raises(DataError, match=rf"imgs/unsorted: not a split folder of class folders, but .*imgs has the "
-                                        rf"split folders \['test', 'train'\] .*move or remove \['unsorted'\]"):
+    with pytest.raises(DataError, match=r"imgs/unsorted: not a split folder of class folders, but .*imgs has the "
+                                        r"split folders \['test', 'train'\] .*move or remove \['unsorted'\]"):
         open_source(f"folder:{tmp_path / 'imgs'}")
     (tmp_path / "imgs" / "unsorted").rename(tmp_path / "unsorted")
     loose = tmp_path / "imgs" / "train" / "loose.png"

@@ -614,7 +614,7 @@ def test_a_truncated_checkpoint_is_named_with_how_to_resume_from_the_one_before(
         f.write("epoch-00001")
     assert checkpoint.restore(checkpoint.latest(ckpt_dir), model, optimizer) == {"epoch": 1}
     open(os.path.join(ckpt_dir, "latest"), "w").close()  # an empty pointer: the newest intact one is offered
-    with pytest.raises(DataError, match=f"latest is empty: .*To resume from epoch-00002, write that name into"):
+    with pytest.raises(DataError, match="latest is empty: .*To resume from epoch-00002, write that name into"):
         checkpoint.latest(ckpt_dir)
 
 
