@@ -17,6 +17,11 @@ if _sys.argv[:1] == ["-m"]:  # imported as the parent package of `python -m kood
 # Errors still show; set TF_CPP_MIN_LOG_LEVEL yourself to see everything.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+if _sys.argv[:1] == ["-m"]:
+    from kood.errors import import_tensorflow_quietly as _import_tf
+
+    _import_tf()  # without TF's start-up lines (a CUDA error line on machines without a GPU)
+
 # Registers kood's Keras layers (saved as kood>Normalization, ...), so that after `import kood`
 # keras.models.load_model reads models kood trained.
 from kood.models import layers as _layers  # noqa: E402,F401

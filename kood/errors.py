@@ -4,6 +4,7 @@ helpers that report them."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable, Iterable, Sequence
 
@@ -61,6 +62,8 @@ def quiet_startup_interrupts() -> None:
 
     def stop(signum, frame):
         how, code = ("SIGTERM", 143) if signum == signal.SIGTERM else ("Ctrl-C", 130)
+        if _captured_stderr:  # inside import_tensorflow_quietly: fd 2 goes to its file
+            os.dup2(_captured_stderr[0], 2)
         try:
             sys.stderr.write(f"{chr(10) if sys.stderr.isatty() else ''}{prog}: interrupted ({how}) while "
                              f"starting; nothing was written\n")
@@ -70,6 +73,50 @@ def quiet_startup_interrupts() -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+
+
+# TensorFlow's C++ start-up lines, which it prints before absl::InitializeLog whatever TF_CPP_MIN_LOG_LEVEL says;
+# with the `tensorflow` wheel on a machine without a GPU driver every command also said "E0000 ... failed call
+# to cuInit: ... CUDA error", which reads like a failure.
+_STARTUP_NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|\] oneDNN custom operations are on\."
+    r"|cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine"
+    r"|cuda_platform\.cc:\d+\] failed call to cuInit"
+    r"|cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized"
+    r"|^To enable the following instructions: .*rebuild TensorFlow")
+_captured_stderr: list[int] = []  # the real fd 2 while import_tensorflow_quietly redirects it
+
+
+def without_startup_noise(text: str) -> str:
+    """`text` without the lines of `_STARTUP_NOISE` (TensorFlow's start-up lines); every other line stays."""
+    return "".join(line for line in text.splitlines(keepends=True) if not _STARTUP_NOISE.search(line))
+
+
+def import_tensorflow_quietly() -> None:
+    """Imports TensorFlow and finds its devices with fd 2 (where its C++ code writes) sent to a file, then
+    writes back all of it but the known start-up lines (`_STARTUP_NOISE`). For the CLIs (the `kood` and
+    `data_prep` packages call it as the parent of a `-m` module); a TF_CPP_MIN_LOG_LEVEL the user set
+    below 2 shows everything. Listing the physical devices still lets a program configure logical ones."""
+    import tempfile
+
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") not in ("2", "3"):
+        return
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as captured:
+        _captured_stderr.append(os.dup(2))
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        finally:
+            sys.stderr.flush()
+            os.dup2(_captured_stderr[0], 2)
+            os.close(_captured_stderr.pop())
+            captured.seek(0)
+            sys.stderr.write(without_startup_noise(captured.read().decode(errors="replace")))
+            sys.stderr.flush()
 
 
 def quiet_info_logs() -> None:

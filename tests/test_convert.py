@@ -135,6 +135,32 @@ def test_interrupted_while_importing_is_one_line(tmp_path, module, sig):
     assert not out.exists()
 
 
+def test_tensorflows_start_up_lines_are_dropped_and_nothing_else():
+    from kood.errors import without_startup_noise
+
+    noise = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+             "I0000 00:00:1796054304.822096    1691 port.cc:153] oneDNN custom operations are on. You may see\n"
+             "I0000 00:00:1796054304.830647    1691 cudart_stub.cc:31] Could not find cuda drivers on your machine, "
+             "GPU will not be used.\n"
+             "E0000 00:00:1796054311.006915    1691 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\n"
+             "I0000 00:00:1796054304.927390    1691 cpu_feature_guard.cc:227] This TensorFlow binary is optimized "
+             "to use available CPU instructions\n"
+             "To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow with the "
+             "appropriate compiler flags.\n")
+    kept = ("E0000 00:00:1796054311.006915    1691 cuda_driver.cc:1] out of memory\n"
+            "Traceback (most recent call last):\n")
+    assert without_startup_noise(noise + kept + noise) == kept
+
+
+def test_a_cli_prints_its_own_lines_without_tensorflows_start_up_lines(tmp_path):
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # kood's own default (2)
+    proc = subprocess.run([sys.executable, "-m", "data_prep.verify", str(tmp_path / "nothing")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "dataset directory does not exist" in proc.stdout
+    assert proc.stderr == ""  # was 3-4 lines of TensorFlow's, one an "E0000 ... CUDA error" without a GPU
+
+
 SIGNAL_IN_DEL = """
 import os, signal, sys, time
 from kood.errors import Terminated, run_app
