@@ -22,6 +22,7 @@ from kood.detectors.mahalanobis import fit_gaussians, mahalanobis_score
 from kood.detectors.max_logit import max_logit_score
 from kood.detectors.msp import msp_score
 from kood.detectors.react import react_score
+from kood.detectors.residual import residual_score
 from kood.detectors.temp_scale import fit_temperature, temp_scale_score
 from kood.detectors.vim import fit_vim, vim_score
 from kood.errors import ConfigError
@@ -156,6 +157,28 @@ def test_vim_matches_reference_recipe():
     zq = hq @ W + B
     want = alpha * np.linalg.norm((hq - u) @ ns, axis=-1) - np.log(np.exp(zq).sum(1))
     np.testing.assert_allclose(vim_score(hq, zq, origin, residual, alpha), want, rtol=1e-6)
+
+
+def test_residual_is_the_norm_off_the_principal_subspace():
+    # independent of fit_vim: the principal subspace from an SVD of the features around ViM's origin,
+    # the residual as what is left after projecting onto it (ViM paper, Sec. 3.2: ||x^{P-perp}||)
+    model = tiny_classifier(hidden=D, num_classes=K)
+    model.get_layer("classifier").set_weights([W.astype(np.float32), B.astype(np.float32)])  # a bias: u != 0
+    w, b = (np.asarray(v, np.float64) for v in model.get_layer("classifier").get_weights())
+    h_fit = FEATURES
+    dim = 5
+    u = -np.linalg.pinv(w.T) @ b                              # the ViM code's origin (its W is [K, D])
+    _, _, vt = np.linalg.svd(h_fit - u, full_matrices=False)  # rows: principal directions, largest first
+    p = vt[:dim].T
+    hq = RNG.uniform(0, 2, (7, D))
+    want = [np.linalg.norm((x - u) - p @ (p.T @ (x - u))) for x in hq]
+    det = make_detector("residual", model, dim=dim).fit_outputs({"features": h_fit, "logits": h_fit @ w + b})
+    np.testing.assert_allclose(det.score_outputs({"features": hq, "logits": hq @ w + b}), want, rtol=1e-8)
+    assert det.hyperparams() == {"dim": dim}
+    # the score is ViM's without the alpha-scaled energy term
+    np.testing.assert_allclose(residual_score(hq, det.origin, det.residual), want, rtol=1e-8)
+    with pytest.raises(ConfigError, match=rf"residual: `dim` must be in \[1, {D}\).*Received: dim={D}"):
+        make_detector("residual", model, dim=D).fit_outputs({"features": h_fit, "logits": h_fit @ w + b})
 
 
 def test_gradnorm_equals_autodiff_weight_gradient_norm():

@@ -26,6 +26,7 @@ from kood.detectors.max_logit import MaxLogit
 from kood.detectors.msp import Msp
 from kood.detectors.odin import Odin
 from kood.detectors.react import React
+from kood.detectors.residual import Residual
 from kood.detectors.temp_scale import TempScale
 from kood.detectors.vim import Vim
 from kood.errors import ConfigError
@@ -41,6 +42,7 @@ DETECTORS: dict[str, type[Detector]] = {
     "ash": Ash,
     "knn": Knn,
     "vim": Vim,
+    "residual": Residual,
     "mahalanobis": Mahalanobis,
     "gradnorm": GradNorm,
     "kl_matching": KlMatching,
