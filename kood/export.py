@@ -17,8 +17,8 @@ score <= s_k), and the float noise between calibration and serving (batch size, 
 a calibration decision.
 
 Only scores computed from the logits alone can run inside the exported graph: `EXPORTABLE`
-(energy, msp, max_logit, gen). Detectors that need fit data (knn, react, vim, ...) or input
-gradients (odin, gradnorm) are refused with a ConfigError.
+(energy, msp, max_logit, gen). Detectors that need fit data (knn, react, vim, ...), input
+gradients (odin) or the features (ash, gradnorm) are refused with a ConfigError.
 
 Output directory (`--out`), written under a hidden temporary name and renamed when complete:
 ```
