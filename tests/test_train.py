@@ -309,6 +309,17 @@ def test_milestones_must_be_whole_epochs_and_sgd_flags_with_adam_get_a_note(caps
         flags.FLAGS.unparse_flags()
 
 
+def test_arch_help_lists_the_registry(monkeypatch):
+    # the help was a hand-written list: an architecture added to ARCHITECTURES did not appear in --help
+    from absl import flags
+
+    from kood import models, train
+
+    assert all(name in flags.FLAGS["arch"].help for name in models.ARCHITECTURES)
+    monkeypatch.setitem(models.ARCHITECTURES, "my_net", lambda x, num_classes: x)
+    assert "my_net" in train.arch_help()
+
+
 def test_a_bad_flag_is_reported_before_the_demo_data_is_built(tmp_path):
     from absl import flags
 
