@@ -452,14 +452,24 @@ def aux_set_warnings(config: dict | None, ood: Mapping[str, str]) -> list[str]:
             if fingerprint(read_manifest_of(f"OOD set {name!r} (--ood) ", directory)) == aux]
 
 
+# What each required flag takes (a bare "--ood is required" left the user to find the format and, for a
+# demo run, where its OOD set is: a run dir does not record its --ood_data).
+REQUIRED_FLAGS = {
+    "model_dir": "the trained classifier, a kood.train --model_dir (its best.keras) or a .keras file",
+    "ood": "the held-out OOD sets as NAME=DIR[,NAME=DIR...], e.g. --ood=svhn=data/svhn (for a run on the "
+           "embedded demo: --ood=demo_ood=$HOME/.cache/kood/demo/ood)",
+    "output": "the directory for results.{json,csv,md} and tensorboard/, e.g. --output=RUN_DIR/eval",
+}
+
+
 def run_from_flags(flags_values) -> dict:
     """Runs the evaluation described by parsed absl flags; returns the results (with scores)."""
     from kood.models import load_classifier
     from kood.rundir import resolve_model, run_finished, run_id_data, run_temperature
 
-    for name in ("model_dir", "ood", "output"):
+    for name, what in REQUIRED_FLAGS.items():
         if not getattr(flags_values, name):
-            raise ConfigError(f"--{name} is required")
+            raise ConfigError(f"--{name} is required: {what}")
     check_output_dir(flags_values.output)  # before any scoring, not after
     resize = flags_values.resize
     if flags_values.center_crop:

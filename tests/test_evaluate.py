@@ -295,6 +295,15 @@ def test_run_temperature_reads_old_configs_that_todays_checks_refuse():
         run_temperature({"method": "nope"})
 
 
+def test_a_missing_required_flag_says_what_it_takes(tmp_path):
+    # was a bare "--ood is required": neither the NAME=DIR format nor, for a demo run, where its OOD set is
+    values = _flag_values(model_dir=str(tmp_path), ood=None, output=str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match=r"--ood is required: .*NAME=DIR.*demo_ood=\$HOME/.cache/kood/demo/ood"):
+        evaluate.run_from_flags(values)
+    with pytest.raises(ConfigError, match=r"--output is required: the directory for results"):
+        evaluate.run_from_flags(_flag_values(model_dir=str(tmp_path), ood="a=b", output=None))
+
+
 def test_id_data_defaults_to_the_runs(sets, tmp_path):
     import shutil
 
