@@ -214,7 +214,7 @@ def validate(cfg: BenchConfig) -> None:
                             "does not exist")
     for name in cfg.methods:  # RunConfig-level checks (aux data present, sio ratio, lr, ...)
         try:
-            run.validate(run_config(cfg, name, 0, cfg.finetune_epochs, "/nonexistent"))
+            mcfg = run.validate(run_config(cfg, name, 0, cfg.finetune_epochs, "/nonexistent"))
         except ConfigError as e:  # kood.train's wording (--pool_factor) says nothing of where a bench sets it
             base, _ = split_method(name)
             given = ";".join(f"{key}:" + ",".join(f"{k}={v}" for k, v in cfg.method_flags[key].items())
@@ -223,6 +223,14 @@ def validate(cfg: BenchConfig) -> None:
                 raise
             raise ConfigError(f"--methods={name} with --method_flags {given} (METHOD:key=value; the message names "
                               f"kood.train's flag for the key): {e}") from None
+        if mcfg.uses_aux:  # aux batch / GReg+ pool vs the set: kood.run checks it as the cell starts, after pretraining
+            try:
+                run.check_aux_size(mcfg, cfg.batch_size, read_manifest(cfg.aux_data).count("train"),
+                                   read_manifest(cfg.id_data).count("train"), cfg.aux_data)
+            except ConfigError as e:
+                key = "pool_factor" if mcfg.sampler == "energy_cluster" else "aux_batch_factor"
+                raise ConfigError(f"--methods={name}: {e} (in kood.bench: --batch_size, or --method_flags="
+                                  f"{split_method(name)[0]}:{key}=...)") from None
     run.validate(pretrain_config(cfg, 0, cfg.pretrain_epochs))
 
 

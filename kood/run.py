@@ -488,6 +488,24 @@ def _save_atomic(model: keras.Model, path: str) -> None:
     os.replace(tmp, path)
 
 
+def check_aux_size(mcfg: MethodConfig, batch_size: int, num_aux: int, num_id: int, aux_data: str) -> MethodConfig:
+    """`mcfg` with `pool_factor="auto"` resolved; a ConfigError if one step needs more auxiliary images than
+    the `num_aux` train images of `aux_data` (a batch would repeat images, and a huge one hangs).
+
+    kood.bench calls it for every method before its CE pretraining, so that this comes before any work.
+
+    Example:
+        check_aux_size(method_config("greg_plus"), 64, 360, 867, "demo/aux")  # ConfigError: pool of 384 images
+    """
+    mcfg = resolve_pool_factor(mcfg, num_aux, num_id)
+    if mcfg.aux_batch_size(batch_size) > num_aux:
+        what = ("GReg+ candidate pool (--pool_factor x --batch_size)" if mcfg.sampler == "energy_cluster"
+                else "auxiliary batch (--aux_batch_factor x --batch_size)")
+        raise ConfigError(f"The {what} is {mcfg.aux_batch_size(batch_size)} images, more than the {num_aux} "
+                          f"train images of --aux_data={aux_data}; lower it or use a larger auxiliary set")
+    return mcfg
+
+
 def run_training(cfg: RunConfig) -> dict:
     """Trains (or resumes, or finds finished) the run in `cfg.model_dir`; returns final metrics.
 
@@ -519,14 +537,8 @@ def run_training(cfg: RunConfig) -> dict:
                                 f"{manifest.shape}; convert them to the same "
                                 f"{_conversion_hint(other[1].shape, manifest.shape)}")
     if "aux_data" in inputs:
-        num_aux = inputs["aux_data"][1].count("train")
-        mcfg = resolve_pool_factor(mcfg, num_aux, manifest.count("train"))
-        if mcfg.aux_batch_size(cfg.batch_size) > num_aux:  # a batch would repeat images (and a huge one hangs)
-            what = ("GReg+ candidate pool (--pool_factor x --batch_size)" if mcfg.sampler == "energy_cluster"
-                    else "auxiliary batch (--aux_batch_factor x --batch_size)")
-            raise ConfigError(f"The {what} is {mcfg.aux_batch_size(cfg.batch_size)} images, more than the "
-                              f"{num_aux} train images of --aux_data={cfg.aux_data}; lower it or use a larger "
-                              f"auxiliary set")
+        mcfg = check_aux_size(mcfg, cfg.batch_size, inputs["aux_data"][1].count("train"), manifest.count("train"),
+                              cfg.aux_data)
     syn = inputs.get("syn_data", (None, None))[1]
     if syn is not None and syn.class_names != manifest.class_names and data.unnamed_classes(syn) and cfg.verbose:
         print(f"note: --syn_data={cfg.syn_data} has unnamed classes ('0'..'{syn.num_classes - 1}'): its label i is "

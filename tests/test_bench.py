@@ -206,6 +206,12 @@ def test_changed_settings_of_started_runs_are_refused_before_any_work(sets, tmp_
      r"with --method_flags \*:m_in=-3.0,m_out=-5.0 .*--m_in: must be below"),
     (dict(method_flags={"greg": {"margin": 1}}), ConfigError,
      r"--methods=greg\S* with --method_flags greg:margin=1 .*Unknown method hyperparameters"),
+    # a GReg+ pool / aux batch larger than the aux set was found only when the cell started, after pretraining
+    (dict(methods=["ce", "greg_plus"], init_checkpoint=None, batch_size=200), ConfigError,
+     r"--methods=greg_plus: The GReg\+ candidate pool .* is 1200 images, more than the \d+ train images .*"
+     r"--batch_size, or --method_flags=greg_plus:pool_factor="),
+    (dict(methods=["ce", "energy"], init_checkpoint=None, method_flags={"energy": {"aux_batch_factor": 100.0}}),
+     ConfigError, r"--methods=energy: The auxiliary batch .* is 1600 images.*--method_flags=energy:aux_batch_factor="),
 ])
 def test_bad_settings_fail_before_any_work(sets, tmp_path, change, error, match):
     out = str(tmp_path / "out")
