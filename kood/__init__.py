@@ -22,6 +22,7 @@ if _sys.argv[:1] == ["-m"]:
 
     _import_tf()  # without TF's start-up lines (a CUDA error line on machines without a GPU)
 
-# Registers kood's Keras layers (saved as kood>Normalization, ...), so that after `import kood`
-# keras.models.load_model reads models kood trained.
+# Registers kood's Keras layers (saved as kood>Normalization, ...) and the trainer (kood>OODTrainer), so
+# that after `import kood` keras.models.load_model reads models kood trained and saved trainers.
 from kood.models import layers as _layers  # noqa: E402,F401
+from kood import trainer as _trainer  # noqa: E402,F401

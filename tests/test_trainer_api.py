@@ -142,3 +142,37 @@ def test_a_trainer_saves_and_loads_with_its_classifier_method_and_optimizer(tmp_
     assert loaded.count_params() == trainer.classifier.count_params()
     loaded.fit(ds, verbose=0)  # and trains on
     assert loaded.optimizer.iterations.numpy() == 2
+
+
+def test_a_saved_greg_plus_trainer_loads_after_import_kood_and_trains_on_as_the_original(tmp_path):
+    """`import kood` registers kood>OODTrainer (as it does kood's layers); a fresh process resumes exactly."""
+    import os
+    import subprocess
+    import sys
+
+    from kood.models import build_classifier
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier("small_cnn", input_shape=(8, 8, 1), num_classes=3, mean=[100.0], std=[60.0], width=4)
+    config = method_config("greg_plus", pool_factor=4, cluster_k=4)  # the sampler's seed uses the step counter
+    trainer = OODTrainer(model, config, seed=7)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    rng = np.random.default_rng(0)
+    x, x_aux = rng.uniform(0, 255, (8, 8, 8, 1)).astype("float32"), rng.uniform(0, 255, (32, 8, 8, 1)).astype("float32")
+    np.savez(tmp_path / "data.npz", x=x, x_aux=x_aux)
+    ds = tf.data.Dataset.from_tensors(((x, np.arange(8) % 3), x_aux)).repeat(2)
+    trainer.fit(ds.take(1), verbose=0)
+    trainer.save(str(tmp_path / "trainer.keras"))
+    expected = trainer.fit(ds, verbose=0).history["loss"][-1]
+    script = ("import sys, numpy as np, tensorflow as tf, keras, kood\n"
+              "t = keras.models.load_model(sys.argv[1])\n"
+              "d = np.load(sys.argv[2])\n"
+              "ds = tf.data.Dataset.from_tensors(((d['x'], np.arange(8) % 3), d['x_aux'])).repeat(2)\n"
+              "print('LOSS', repr(t.fit(ds, verbose=0).history['loss'][-1]), int(t.optimizer.iterations.numpy()))\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "trainer.keras"), str(tmp_path / "data.npz")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": repo, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("LOSS"))
+    assert line == f"LOSS {expected!r} 3"
