@@ -103,27 +103,29 @@ def written_before(out: str) -> bool:
         manifest = read_manifest(out)
     except DataError:
         return False  # the conversion reports the damaged manifest
+    same = manifest.command == command_line()
+    if not same and not _merged_task(manifest):
+        return False
     changed = _changed_since(manifest.created)
     if changed:
         print(f"note: {out} was written by this command, but {changed} changed after that ({manifest.created}); "
               f"converting again needs --overwrite", file=sys.stderr)
         return False
-    if manifest.command == command_line():
+    if same:
         print(f"note: {out} already holds the dataset this command writes (its manifest.json records the same "
               f"command); nothing to do (--overwrite converts again)", file=sys.stderr)
-    elif _merged_task(manifest):
+    else:
         print(f"note: {out} already holds the dataset this task is part of (merged from "
               f"{manifest.extra['fanout']['num_tasks']} tasks of the same command); nothing to do (--overwrite on "
               f"every task, then data_prep.merge, converts again)", file=sys.stderr)
-    else:
-        return False
     report(manifest, out)
     return True
 
 
 def _changed_since(created: str) -> str | None:
-    """The first input path (--source, --real, --pseudo_label_model; files and everything in directories)
-    modified after the ISO time `created`, or None."""
+    """The first input path (--source, --real, --pseudo_label_model; files and everything in directories,
+    but of a model dir only the best.keras it labels with) modified after the ISO time `created`, or None.
+    Modified: its mtime or its ctime (a copy keeping an older mtime, cp -p / rsync -a, changes the ctime)."""
     import datetime
 
     try:
@@ -137,11 +139,15 @@ def _changed_since(created: str) -> str | None:
             form, _, value = value.partition(":")
             value = None if form == "tfds" else value
         if value:
-            paths.append(os.path.expanduser(value))
+            value = os.path.expanduser(value)
+            if name == "pseudo_label_model" and os.path.isdir(value):
+                value = os.path.join(value, "best.keras")  # not the run's logs/ or an export written into it
+            paths.append(value)
     for path in paths:
         for p in _path_and_below(path):
             with contextlib.suppress(OSError):
-                if os.stat(p).st_mtime > since:
+                st = os.stat(p)
+                if max(st.st_mtime, st.st_ctime) > since:
                     return p
     return None
 

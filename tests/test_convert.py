@@ -433,3 +433,33 @@ def test_rerunning_a_conversion_that_completed_does_nothing_and_succeeds(tmp_pat
     assert changed.returncode == 2 and f"but {path} changed after that" in changed.stderr
     assert "already holds a complete dataset; pass --overwrite" in changed.stderr
     assert os.stat(out / "manifest.json").st_mtime_ns == stamp
+
+
+def test_a_rerun_sees_a_source_copied_with_an_older_mtime_but_not_a_run_dirs_logs(tmp_path):
+    from tests.model_helpers import tiny_classifier
+
+    path, _, _ = dh.make_npz(tmp_path / "a.npz", n=8, shape=(8, 8, 1), num_classes=3)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tiny_classifier().save(str(run_dir / "best.keras"))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+    def run(module, out, *extra):
+        return subprocess.run([sys.executable, "-m", module, f"--source=npz:{path}", f"--out={tmp_path / out}", *extra],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+    labelled = ("data_prep.synthetic", "syn", f"--pseudo_label_model={run_dir}")
+    assert run("data_prep.real", "out").returncode == 0 and run(*labelled).returncode == 0
+    # the run dir gets TensorBoard logs (or an export) later: its best.keras, the labeller, is unchanged
+    (run_dir / "logs").mkdir()
+    (run_dir / "logs" / "events").write_text("x")
+    again = run(*labelled)
+    assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr[-2000:]
+    # another command is refused without being told the set is its own, even after the source changed
+    time.sleep(0.01)
+    dh.make_npz(path, n=8, shape=(8, 8, 1), num_classes=3, seed=1)  # other images, the old mtime kept (cp -p, rsync -a)
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
+    other = run("data_prep.real", "out", "--num_shards=2")
+    assert other.returncode == 2 and "written by this command" not in other.stderr
+    changed = run("data_prep.real", "out")
+    assert changed.returncode == 2 and f"but {path} changed after that" in changed.stderr, changed.stderr[-2000:]
