@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -56,7 +57,7 @@ from kood.manifest import ID_KINDS, read_manifest, same_dataset
 from kood.metrics import threshold_at_tpr
 from kood.progress import Progress
 from kood.rundir import CHECKPOINTS, resolve_model, run_finished, run_id_data, run_temperature
-from kood.writer import WriteLock, abandoned, remove_abandoned
+from kood.writer import LOCK_FILE, WriteLock, abandoned, remove_abandoned
 
 FORMAT = "kood-export/1"
 DETECTOR_JSON = "detector.json"
@@ -396,8 +397,11 @@ def export_detector(model_path: str, out: str, *, id_data: str | None = None, ca
         with open(os.path.join(tmp, DETECTOR_JSON), "w") as f:  # last: marks a complete export
             json.dump(info, f, indent=2)
             f.write("\n")
-        lock.release()  # removes the lock file, which is not part of the export
+        # still locked while it is renamed: a concurrent export's remove_abandoned would delete it (or, mid-rename,
+        # files of the published export); the lock file moves along and is removed, it is not part of the export
         _publish(tmp, out, overwrite)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, LOCK_FILE))
     finally:  # on any failure nothing complete-looking is left: the temp dir goes
         if os.path.exists(tmp):
             shutil.rmtree(tmp)

@@ -442,3 +442,30 @@ def test_partial_exports_of_killed_runs_are_removed_but_not_one_in_use(run, tmp_
     assert f"note: removing {killed}, a partial export left by an interrupted run" in capsys.readouterr().err
     assert ".kood-writing.lock" not in os.listdir(tmp_path / "export")
     other.close()
+
+
+def test_a_finished_export_being_published_is_not_removed_by_a_concurrent_one(run, tmp_path, monkeypatch):
+    """Its temp dir stays locked until it is --out: another export's clean-up of partial exports (another
+    process, started meanwhile) must skip it, or it deletes the export being renamed into place."""
+    import subprocess
+    import sys
+
+    from kood import export as export_lib
+
+    out = tmp_path / "export"
+    publish = export_lib._publish
+    seen = []
+
+    def concurrent_cleanup_then_publish(tmp, out_, overwrite):
+        code = ("import sys; from kood.writer import remove_abandoned; "
+                "remove_abandoned(sys.argv[1], sys.argv[2], keep=sys.argv[1], what='a partial export')")
+        subprocess.run([sys.executable, "-c", code, str(tmp_path), ".export.partial-"], check=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
+        seen.append(os.path.isfile(os.path.join(tmp, "detector.json")))
+        return publish(tmp, out_, overwrite)
+
+    monkeypatch.setattr(export_lib, "_publish", concurrent_cleanup_then_publish)
+    export_detector(run["run"], str(out), detector="max_logit")
+    assert seen == [True]
+    assert sorted(os.listdir(tmp_path)) == ["export"] and ".kood-writing.lock" not in os.listdir(out)
+    assert json.loads((out / "detector.json").read_text())["detector"] == "max_logit"
