@@ -40,6 +40,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -246,6 +247,8 @@ def _recover_replaced(out: str) -> None:
     """An export killed inside `_publish` leaves the export it was replacing in a hidden `.OUT.old-*` dir: it
     goes back to `out` if the new one never got there, else it is removed."""
     for path in abandoned(os.path.dirname(os.path.abspath(out)), _replaced_prefix(out)):
+        if not re.fullmatch(r"[a-z0-9_]{8}", os.path.basename(path)[len(_replaced_prefix(out)):]):
+            continue  # mkdtemp's name for this --out, not e.g. `.OUT.old-x.old-*` of an export to --out=OUT.old-x
         previous = os.path.join(path, "export")
         if not os.path.exists(out) and os.path.isfile(os.path.join(previous, DETECTOR_JSON)):
             print(f"note: restoring {out} from {path}: an export replacing it was interrupted", file=sys.stderr)

@@ -469,3 +469,13 @@ def test_a_finished_export_being_published_is_not_removed_by_a_concurrent_one(ru
     assert seen == [True]
     assert sorted(os.listdir(tmp_path)) == ["export"] and ".kood-writing.lock" not in os.listdir(out)
     assert json.loads((out / "detector.json").read_text())["detector"] == "max_logit"
+
+
+def test_the_interrupted_replacement_of_another_out_is_not_restored_into_this_one(run, tmp_path):
+    # an export to --out=export.old-x killed inside _publish left `.export.old-x.old-*`: not this --out's
+    other = tmp_path / ".export.old-x.old-0badc0de" / "export"
+    other.mkdir(parents=True)
+    (other / "detector.json").write_text("{}")
+    export_detector(run["run"], str(tmp_path / "export"), detector="max_logit")
+    assert json.loads((tmp_path / "export" / "detector.json").read_text())["detector"] == "max_logit"
+    assert (other / "detector.json").read_text() == "{}"
