@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import sys
 import time
 
@@ -217,10 +218,12 @@ def validate(cfg: BenchConfig) -> None:
             mcfg = run.validate(run_config(cfg, name, 0, cfg.finetune_epochs, "/nonexistent"))
         except ConfigError as e:  # kood.train's wording (--pool_factor) says nothing of where a bench sets it
             base, _ = split_method(name)
+            entries = [key for key in dict.fromkeys(("*", base, name)) if cfg.method_flags.get(key)]
+            keys = {k for key in entries for k in cfg.method_flags[key]}
+            if not any(re.search(rf"(?<!\w){re.escape(k)}(?!\w)", str(e)) for k in keys):
+                raise  # not about a --method_flags value (e.g. --batch_size x --sio_ratio): not blamed on them
             given = ";".join(f"{key}:" + ",".join(f"{k}={v}" for k, v in cfg.method_flags[key].items())
-                             for key in dict.fromkeys(("*", base, name)) if cfg.method_flags.get(key))
-            if not given:
-                raise
+                             for key in entries)
             raise ConfigError(f"--methods={name} with --method_flags {given} (METHOD:key=value; the message names "
                               f"kood.train's flag for the key): {e}") from None
         if mcfg.uses_aux:  # aux batch / GReg+ pool vs the set: kood.run checks it as the cell starts, after pretraining

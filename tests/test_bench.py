@@ -212,6 +212,8 @@ def test_changed_settings_of_started_runs_are_refused_before_any_work(sets, tmp_
      r"--batch_size, or --method_flags=greg_plus:pool_factor="),
     (dict(methods=["ce", "energy"], init_checkpoint=None, method_flags={"energy": {"aux_batch_factor": 100.0}}),
      ConfigError, r"--methods=energy: The auxiliary batch .* is 1600 images.*--method_flags=energy:aux_batch_factor="),
+    # a refused setting of another flag is not blamed on --method_flags
+    (dict(sio_ratio=0.01, method_flags={"*": {"m_in": -20.0}}), ConfigError, r"^--batch_size=16 x --sio_ratio=0.01"),
 ])
 def test_bad_settings_fail_before_any_work(sets, tmp_path, change, error, match):
     out = str(tmp_path / "out")
