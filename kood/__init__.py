@@ -24,5 +24,7 @@ if _sys.argv[:1] == ["-m"]:
 
 # Registers kood's Keras layers (saved as kood>Normalization, ...) and the trainer (kood>OODTrainer), so
 # that after `import kood` keras.models.load_model reads models kood trained and saved trainers.
-from kood.models import layers as _layers  # noqa: E402,F401
-from kood import trainer as _trainer  # noqa: E402,F401
+from kood.models import layers as _layers  # noqa: E402
+from kood import trainer as _trainer  # noqa: E402
+
+del _layers, _trainer  # imported for their registrations (and pyflakes sees them used)
