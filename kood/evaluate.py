@@ -28,7 +28,8 @@ import keras
 import numpy as np
 
 from kood.data import LIMIT_SEED, eval_dataset
-from kood.detectors import DETECTORS, collect_outputs, make_detector
+from kood.detectors import DETECTORS, make_detector
+from kood.detectors.base import collect_outputs
 from kood.errors import ConfigError, DataError, check_output_dir, naming, parse_key_values, run_app
 from kood.manifest import ID_KINDS, fingerprint, json_text, read_manifest_of, write_text_atomic
 from kood.metrics import CONVENTION_NOTE, CONVENTIONS, METRICS, accuracy, metrics_table

@@ -14,7 +14,7 @@ import inspect
 import keras
 
 from kood.detectors.ash import Ash
-from kood.detectors.base import Detector, collect_outputs
+from kood.detectors.base import Detector
 from kood.detectors.dice import Dice
 from kood.detectors.energy import Energy
 from kood.detectors.gen import Gen
