@@ -135,7 +135,9 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
 
     def _fused_applies(self, inputs, mask) -> bool:
         dtypes = ("float32", "bfloat16", "float16")
-        return (mask is None and not self.synchronized and not self.renorm and self.scale and self.center
+        # Keras <= 3.12 has no `renorm` (no attribute at all): there it is never on.
+        return (mask is None and not self.synchronized and not getattr(self, "renorm", False)
+                and self.scale and self.center
                 and len(inputs.shape) == 4 and self.axis in (-1, 3)
                 and keras.backend.standardize_dtype(inputs.dtype) in dtypes
                 and keras.backend.standardize_dtype(self.compute_dtype) in dtypes
