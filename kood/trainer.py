@@ -297,7 +297,13 @@ def check_trainable_classifier(model) -> None:
         bad(f"The model's layers have no symbolic inputs/outputs (a subclassed keras.Model?): {str(e).rstrip('.')}",
             f"model {model.name!r} of type {type(model).__name__}")
     normalize = layers["normalize"]
-    if len(model.inputs) != 1 or normalize.input is not model_input:
+    normalize_input = normalize.input
+    op = getattr(getattr(normalize_input, "_keras_history", None), "operation", None)
+    if type(op).__name__ == "Cast" and getattr(op, "dtype", None) == normalize.compute_dtype:
+        # Keras < 3.10 records a mixed-precision layer's input autocast as a Cast op before the layer; the
+        # layer casts again when the train step calls it on the raw batch, so that op skips nothing.
+        normalize_input = op.input
+    if len(model.inputs) != 1 or normalize_input is not model_input:
         bad("The 'normalize' layer must take the model's (single) input directly: the train step applies it to "
             "the raw batch, so layers before it would be skipped in training", f"{len(model.inputs)} model "
             f"input(s); 'normalize' applied to {getattr(normalize.input, 'name', normalize.input)!r}")

@@ -47,6 +47,20 @@ def test_a_users_functional_model_with_the_named_layers_trains():
     assert np.isfinite(trainer.fit(ds, verbose=0).history["loss"][-1])
 
 
+def test_a_users_mixed_bfloat16_model_trains():
+    # Keras < 3.10 puts an autocast Cast op between the input and a bfloat16 'normalize' layer.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = _own_model()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    trainer = OODTrainer(model, method_config("greg"))
+    trainer.compile(optimizer="adam")
+    x = np.random.default_rng(0).uniform(0, 255, (8, 8, 8, 1)).astype("float32")
+    ds = tf.data.Dataset.from_tensors(((x, np.arange(8) % 3), x))
+    assert np.isfinite(trainer.fit(ds, verbose=0).history["loss"][-1])
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)]),
      "no layer named ['normalize', 'features', 'classifier']"),
