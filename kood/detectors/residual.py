@@ -10,52 +10,20 @@ returns its negative; kood scores higher = more OOD).
 
 from __future__ import annotations
 
-import numpy as np
+from kood.detectors.vim import Vim, residual_norm
 
-from kood.detectors.base import Detector, check_positive
-from kood.detectors.vim import default_dim, fit_vim
-from kood.errors import ConfigError
+residual_score = residual_norm  # ||(h - u) R|| per row: the score itself (higher = more OOD)
 
 
-def residual_score(features: np.ndarray, origin: np.ndarray, residual: np.ndarray) -> np.ndarray:
-    """||(h - u) R|| per row: the length of the feature's part outside the principal subspace
-    (higher = more OOD).
+class Residual(Vim):
+    """Residual norm off the ID principal subspace; `fit` on ID data (labels not needed). ViM's fit
+    (same `dim`, default ViM's rule `kood.detectors.vim.default_dim`); its alpha is not used.
 
     Example:
-        origin, basis, _ = fit_vim(h_id, z_id, W, b, dim=8)
-        residual_score(h, origin, basis)
-    """
-    return np.linalg.norm((np.asarray(features, np.float64) - origin) @ residual, axis=1)
-
-
-class Residual(Detector):
-    """Residual norm off the ID principal subspace; `fit` on ID data (labels not needed).
-
-    Example:
-        det = Residual(model).fit(id_train)   # dim defaults to ViM's rule (kood.detectors.vim.default_dim)
+        det = Residual(model).fit(id_train)
     """
 
     name = "residual"
-    needs_fit = True
-
-    def __init__(self, model, dim: int | None = None):
-        if dim is not None:
-            check_positive(self.name, "dim", dim)
-        super().__init__(model)
-        self.dim = int(dim) if dim is not None else default_dim(self.weight.shape[0])
-        self.origin = self.residual = None
-
-    def hyperparams(self):
-        return {"dim": self.dim}
-
-    def _fit(self, outputs):
-        feature_dim = outputs["features"].shape[1]
-        if not self.dim < feature_dim:  # checked here so that the message names residual, not vim
-            raise ConfigError(f"residual: `dim` must be in [1, {feature_dim}) (the feature size). "
-                              f"Received: dim={self.dim}")
-        # fit_vim's alpha (ViM's logit scale) is not part of this score
-        self.origin, self.residual, _ = fit_vim(outputs["features"], outputs["logits"], self.weight, self.bias,
-                                                self.dim)
 
     def score_outputs(self, outputs):
         self._check_fitted()

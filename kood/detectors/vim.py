@@ -16,29 +16,34 @@ def default_dim(feature_dim: int) -> int:
 
 
 def fit_vim(features: np.ndarray, logits: np.ndarray, weight: np.ndarray, bias: np.ndarray,
-            dim: int) -> tuple[np.ndarray, np.ndarray, float]:
+            dim: int, name: str = "vim") -> tuple[np.ndarray, np.ndarray, float]:
     """Origin `u = -b pinv(W)`, the basis `[D, D-dim]` of the residual (non-principal) space of the
-    ID features around `u`, and the scale `alpha` = mean max-logit / mean residual norm.
+    ID features around `u`, and the scale `alpha` = mean max-logit / mean residual norm. `name`: the
+    detector the errors name.
 
     Example:
         origin, residual, alpha = fit_vim(h_id, z_id, W, b, dim=8)
     """
     h = np.asarray(features, np.float64)
     if not 1 <= dim < h.shape[1]:
-        raise ConfigError(f"vim: `dim` must be in [1, {h.shape[1]}) (the feature size). Received: dim={dim}")
+        raise ConfigError(f"{name}: `dim` must be in [1, {h.shape[1]}) (the feature size). Received: dim={dim}")
     origin = -bias @ np.linalg.pinv(weight)
     centred = h - origin
     eigvals, eigvecs = np.linalg.eigh(centred.T @ centred / len(h))
     residual = eigvecs[:, np.argsort(-eigvals)[dim:]]
-    alpha = float(np.asarray(logits, np.float64).max(axis=1).mean() /
-                  np.linalg.norm(centred @ residual, axis=1).mean())
+    alpha = float(np.asarray(logits, np.float64).max(axis=1).mean() / residual_norm(h, origin, residual).mean())
     return origin, residual, alpha
+
+
+def residual_norm(features: np.ndarray, origin: np.ndarray, residual: np.ndarray) -> np.ndarray:
+    """||(h - u) R|| per row: the length of the feature's part outside the principal subspace."""
+    return np.linalg.norm((np.asarray(features, np.float64) - origin) @ residual, axis=1)
 
 
 def vim_score(features: np.ndarray, logits: np.ndarray, origin: np.ndarray, residual: np.ndarray,
               alpha: float) -> np.ndarray:
     """alpha * ||residual part of (h - u)|| - logsumexp(logits) (higher = more OOD)."""
-    virtual = alpha * np.linalg.norm((np.asarray(features, np.float64) - origin) @ residual, axis=1)
+    virtual = alpha * residual_norm(features, origin, residual)
     return virtual - logsumexp(np.asarray(logits, np.float64), axis=1)
 
 
@@ -64,7 +69,7 @@ class Vim(Detector):
 
     def _fit(self, outputs):
         self.origin, self.residual, self.alpha = fit_vim(outputs["features"], outputs["logits"], self.weight,
-                                                         self.bias, self.dim)
+                                                         self.bias, self.dim, self.name)
 
     def score_outputs(self, outputs):
         self._check_fitted()
