@@ -22,6 +22,21 @@ def _own_model(*, before=None, normalize=None, features_flat=True, head_activati
     return keras.Model(inputs, keras.layers.Dense(3, activation=head_activation, name="classifier")(x))
 
 
+def _own_model_under(policy: str):
+    """`_own_model()` built under a global Keras dtype policy (restored after)."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        return _own_model()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _one_batch():
+    """8 made-up 8x8x1 images and a dataset of one ((x_id, y_id), x_aux) batch of them."""
+    x = np.random.default_rng(0).uniform(0, 255, (8, 8, 8, 1)).astype("float32")
+    return x, tf.data.Dataset.from_tensors(((x, np.arange(8) % 3), x))
+
+
 class _Subclassed(keras.Model):
     def __init__(self):
         super().__init__()
@@ -42,22 +57,16 @@ def test_a_users_functional_model_with_the_named_layers_trains():
     model = _own_model()
     trainer = OODTrainer(model, method_config("greg"))
     trainer.compile(optimizer="adam")
-    x = np.random.default_rng(0).uniform(0, 255, (8, 8, 8, 1)).astype("float32")
-    ds = tf.data.Dataset.from_tensors(((x, np.arange(8) % 3), x))
+    x, ds = _one_batch()
     assert np.isfinite(trainer.fit(ds, verbose=0).history["loss"][-1])
 
 
 def test_a_users_mixed_bfloat16_model_trains():
     # Keras < 3.10 puts an autocast Cast op between the input and a bfloat16 'normalize' layer.
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        model = _own_model()
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    model = _own_model_under("mixed_bfloat16")
     trainer = OODTrainer(model, method_config("greg"))
     trainer.compile(optimizer="adam")
-    x = np.random.default_rng(0).uniform(0, 255, (8, 8, 8, 1)).astype("float32")
-    ds = tf.data.Dataset.from_tensors(((x, np.arange(8) % 3), x))
+    x, ds = _one_batch()
     assert np.isfinite(trainer.fit(ds, verbose=0).history["loss"][-1])
 
 
@@ -129,19 +138,14 @@ def test_method_hyperparameters_accept_ints_for_floats_and_numpy_numbers():
 
 
 def test_a_model_computing_in_float16_is_refused():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        model = _own_model()
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    model = _own_model_under("mixed_float16")
     with pytest.raises(ConfigError, match=r"float16 would need loss scaling.*Received: layers computing in float16: "
                                           r"\['normalize'"):
         OODTrainer(model, method_config("greg"))
 
 
 def test_a_trainer_saves_and_loads_with_its_classifier_method_and_optimizer(tmp_path):
-    x = np.random.default_rng(0).uniform(0, 255, (8, 8, 8, 1)).astype("float32")
-    ds = tf.data.Dataset.from_tensors(((x, np.arange(8) % 3), x))
+    x, ds = _one_batch()
     trainer = OODTrainer(_own_model(), method_config("greg", grad_weight=0.5), seed=3)
     trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
     trainer.fit(ds, verbose=0)
