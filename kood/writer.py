@@ -36,7 +36,7 @@ from kood.manifest import KINDS, MANIFEST, TASKS, Manifest, shard_name, write_ma
 from kood.progress import Progress
 from kood.records import ENCODINGS, encode_example
 
-# raw, by bench/bench_encoding.py (docs/data_format.md): at 32x32x3 raw decodes ~4x faster in tf.data
+# raw, by bench/bench_encoding.py (docs/data_format.md): at 32x32x3 raw decodes 1.5-4x faster in tf.data
 # and encodes for free, PNG saves only ~20-45%; lossless either way. png stays available per dataset.
 DEFAULT_ENCODING = "raw"
 
