@@ -147,6 +147,7 @@ def run_app(main: Callable[[list[str]], object]) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # was quiet_startup_interrupts' during the imports
     signal.signal(signal.SIGTERM, _raise_terminated)
     sys.unraisablehook = _redeliver_swallowed_interrupts
+    sys.argv[1:] = [expand_home(arg) for arg in sys.argv[1:]]
     try:
         app.run(main)
     except SystemExit as e:
@@ -154,6 +155,16 @@ def run_app(main: Callable[[list[str]], object]) -> None:
         if e.code == 1 and any(arg in HELP_FLAGS for arg in sys.argv[1:]):
             sys.exit(0)
         raise
+
+
+def expand_home(arg: str) -> str:
+    """`--flag=~/x` -> `--flag=$HOME/x`, also after `NAME=` in lists (`--ood=svhn=~/svhn,...`). The shell expands
+    `~` only at the start of a word, so `--out=~/data/x` reached kood as is and a conversion wrote into a
+    directory literally named `~` under the working directory."""
+    flag, sep, value = arg.partition("=")
+    if not (arg.startswith("-") and sep) or "~" not in value:
+        return arg
+    return flag + sep + re.sub(r"(^|[=,])~(?=/|,|$)", lambda m: m.group(1) + os.path.expanduser("~"), value)
 
 
 def parse_key_values(items: str | Sequence[str], flag: str, *, typed: bool = True) -> dict:

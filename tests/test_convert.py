@@ -463,3 +463,21 @@ def test_a_rerun_sees_a_source_copied_with_an_older_mtime_but_not_a_run_dirs_log
     assert other.returncode == 2 and "written by this command" not in other.stderr
     changed = run("data_prep.real", "out")
     assert changed.returncode == 2 and f"but {path} changed after that" in changed.stderr, changed.stderr[-2000:]
+
+
+def test_a_tilde_in_a_flag_value_is_the_home_directory(tmp_path):
+    # `--out=~/x`: the shell leaves the ~ (not at a word's start); it made a directory named "~" in the cwd
+    path, _, _ = dh.make_npz(tmp_path / "a.npz", n=4)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = dict(os.environ, HOME=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-m", "data_prep.real", f"--source=npz:{path}", "--out=~/out"], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_manifest(str(tmp_path / "out")).count("train") == 4 and not os.listdir(cwd)
+    from kood.errors import expand_home
+
+    home = os.path.expanduser("~")
+    assert expand_home("--ood=svhn=~/s,t=~/t") == f"--ood=svhn={home}/s,t={home}/t"
+    assert expand_home("--method_flags=*:m_in=-12") == "--method_flags=*:m_in=-12"
+    assert expand_home("--name=a~b") == "--name=a~b" and expand_home("~/positional") == "~/positional"
