@@ -95,8 +95,8 @@ def without_startup_noise(text: str) -> str:
 
 def import_tensorflow_quietly() -> None:
     """Imports TensorFlow and finds its devices with fd 2 (where its C++ code writes) sent to a file, then
-    writes back all of it but the known start-up lines (`_STARTUP_NOISE`). For the CLIs (the `kood` and
-    `data_prep` packages call it as the parent of a `-m` module); a TF_CPP_MIN_LOG_LEVEL the user set
+    writes back all of it but the known start-up lines (`_STARTUP_NOISE`). For the CLIs (the `kood` package
+    calls it as the parent of a `-m` module, data_prep's included); a TF_CPP_MIN_LOG_LEVEL the user set
     below 2 shows everything. Listing the physical devices still lets a program configure logical ones."""
     import tempfile
 
